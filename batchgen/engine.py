@@ -1,0 +1,320 @@
+"""The generation engine: GPT-2 compiled once, batched prefill + KV-cached decode."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from max.driver import CPU, Accelerator, Device, accelerator_count
+from max.dtype import DType
+from max.experimental import functional as F
+from max.experimental.tensor import Tensor
+from max.graph import DeviceRef
+
+from batchgen.model import GPT2Config, GPT2LMHeadModel, input_types
+from batchgen.sampling import SamplingParams, compile_sampler, step_seeds
+from batchgen.weights import Checkpoint, load_checkpoint
+
+FinishReason = Literal["stop", "length"]
+_DTYPES = {"float32": (DType.float32, torch.float32),
+           "bfloat16": (DType.bfloat16, torch.bfloat16)}  # fmt: skip
+_MASKED = np.finfo(np.float32).min
+
+
+class ContextLengthError(ValueError):
+    """A request's prompt plus max_tokens does not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One prompt, already tokenized, and how to decode it."""
+
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Completion:
+    """What one request produced."""
+
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class BatchOutput:
+    """The completions of one `generate` call, in request order, and its timing."""
+
+    completions: list[Completion]
+    padded_length: int
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+
+
+@dataclass(frozen=True)
+class Step:
+    """One forward pass of a batch: the token each active row received, and the logits."""
+
+    index: int
+    tokens: np.ndarray
+    active: np.ndarray
+    logits: Tensor
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Where and in what precision the model runs."""
+
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+
+
+def resolve_device(config: EngineConfig) -> tuple[Device, DType, torch.dtype]:
+    """Pick the device and dtype explicitly: GPU + bfloat16 when one exists, else CPU + fp32."""
+    want_gpu = config.device == "gpu" or (config.device == "auto" and accelerator_count() > 0)
+    if want_gpu and accelerator_count() == 0:
+        raise ValueError("--device gpu: no accelerator is visible to MAX")
+    device: Device = Accelerator() if want_gpu else CPU()
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if want_gpu else "float32"
+    if dtype == "bfloat16" and not want_gpu:
+        # MAX's CPU bf16 kernels ran 3-5x slower than fp32; refuse rather than crawl.
+        raise ValueError("bfloat16 is supported on GPU only; use float32 on CPU")
+    max_dtype, torch_dtype = _DTYPES[dtype]
+    return device, max_dtype, torch_dtype
+
+
+class Engine:
+    """GPT-2 compiled once for any batch size and length; `generate` runs one batch."""
+
+    def __init__(self, checkpoint: Checkpoint, device: Device, dtype: DType):
+        self.config: GPT2Config = checkpoint.config
+        self.device = device
+        self.dtype = dtype
+        self.graph_compiles = 0
+        self.timings: dict[str, float] = {}
+        start = time.perf_counter()
+        with F.lazy():  # parameters stay unmaterialised; `weights=` supplies them
+            model = GPT2LMHeadModel(self.config)
+        device_ref = DeviceRef.from_device(device)
+        self._model = model.compile(
+            *input_types(self.config, dtype, device_ref), weights=checkpoint.weights
+        )
+        self.graph_compiles += 1
+        self.timings["compile_s"] = time.perf_counter() - start
+        self._sampler = None
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path = "gpt2", config: EngineConfig = EngineConfig()
+    ) -> Engine:
+        """Load a Hub name or local directory and compile it for the chosen device."""
+        device, dtype, torch_dtype = resolve_device(config)
+        start = time.perf_counter()
+        checkpoint = load_checkpoint(model, torch_dtype)
+        load_s = time.perf_counter() - start
+        engine = cls(checkpoint, device, dtype)
+        engine.timings["load_s"] = load_s
+        return engine
+
+    def check(self, request: Request) -> None:
+        """Raise ContextLengthError if the request cannot fit the context window."""
+        n_prompt = len(request.prompt_token_ids)
+        limit = self.config.n_positions
+        if n_prompt == 0:
+            raise ValueError("empty prompt: at least one token is required")
+        if n_prompt + request.params.max_tokens > limit:
+            raise ContextLengthError(
+                f"prompt ({n_prompt} tokens) + max_tokens "
+                f"({request.params.max_tokens}) exceeds the model's context of "
+                f"{limit} tokens"
+            )
+
+    def generate(
+        self, requests: Sequence[Request], on_step: Callable[[Step], None] | None = None
+    ) -> BatchOutput:
+        """Decode requests as one batch; each row's output is independent of the others."""
+        for request in requests:
+            self.check(request)
+        batch = _DecodeBatch(requests, self.config)
+        caches = self._new_caches(len(requests), batch.cache_len)
+
+        start = time.perf_counter()
+        self._step(batch, batch.prefill_inputs(), caches, on_step)
+        prefill_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        steps = 0
+        while not batch.done:
+            self._step(batch, batch.decode_inputs(), caches, on_step)
+            steps += 1
+        decode_s = time.perf_counter() - start
+        return BatchOutput(batch.completions(), batch.prompt_len, prefill_s, decode_s, steps)
+
+    def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """Float32 logits [len(prompts), vocab] for the token after each prompt."""
+        requests = [Request(p, SamplingParams(max_tokens=1)) for p in prompts]
+        steps: list[Step] = []
+        self.generate(requests, on_step=steps.append)
+        return np.from_dlpack(steps[0].logits.to(CPU()))
+
+    def _step(
+        self,
+        batch: _DecodeBatch,
+        inputs: Sequence[np.ndarray],
+        caches: list[Tensor],
+        on_step: Callable[[Step], None] | None,
+    ) -> None:
+        active = batch.active_rows()
+        greedy, logits = self._run(inputs, caches)
+        tokens = self._choose(batch, greedy, logits)
+        batch.advance(tokens)
+        if on_step is not None:
+            on_step(Step(batch.step - 1, tokens, active, logits))
+
+    def _run(self, inputs: Sequence[np.ndarray], caches: list[Tensor]):
+        tensors = [Tensor.from_dlpack(a).to(self.device) for a in inputs]
+        greedy, logits = self._model(*tensors, *caches)
+        return greedy, logits
+
+    def _new_caches(self, batch: int, length: int) -> list[Tensor]:
+        # Zeroed, not empty: masked slots get zero attention weight, but 0 * NaN is NaN.
+        shape = (batch, self.config.n_head, length, self.config.head_dim)
+        torch_dtype = torch.float32 if self.dtype == DType.float32 else torch.bfloat16
+        return [
+            Tensor.from_dlpack(torch.zeros(shape, dtype=torch_dtype)).to(self.device)
+            for _ in range(2 * self.config.n_layer)
+        ]
+
+    def _choose(self, batch: _DecodeBatch, greedy: Tensor, logits: Tensor) -> np.ndarray:
+        """Next token per row: the graph's argmax, or a seeded sample where asked."""
+        tokens = greedy.to(CPU()).to_numpy().astype(np.int64)
+        sampled = batch.sampled_rows()
+        if not sampled.any():
+            return tokens
+        if self._sampler is None:
+            self._sampler = compile_sampler(
+                self.config.vocab_size, DeviceRef.from_device(self.device)
+            )
+            self.graph_compiles += 1
+        top_k, max_k, temperature, top_p, min_top_p, seeds = batch.sampler_inputs()
+        on_device = [
+            Tensor.from_dlpack(a).to(self.device) for a in (top_k, temperature, top_p, seeds)
+        ]
+        # max_k and min_top_p are kernel launch parameters, read on the host.
+        out = self._sampler(
+            logits,
+            on_device[0],
+            Tensor.from_dlpack(max_k),
+            on_device[1],
+            on_device[2],
+            Tensor.from_dlpack(min_top_p),
+            on_device[3],
+        )
+        drawn = out.to(CPU()).to_numpy().astype(np.int64)
+        return np.where(sampled, drawn, tokens)
+
+
+class _DecodeBatch:
+    """Host-side state of one left-padded batch: tokens, positions, masks, finished rows."""
+
+    def __init__(self, requests: Sequence[Request], config: GPT2Config):
+        self.params = [r.params for r in requests]
+        self.eos = config.eos_token_id
+        self.prompt_lens = np.array([len(r.prompt_token_ids) for r in requests])
+        self.prompt_len = int(self.prompt_lens.max())
+        self.max_tokens = np.array([p.max_tokens for p in self.params])
+        self.cache_len = self.prompt_len + int(self.max_tokens.max())
+        n = len(requests)
+        self.prompt = np.full((n, self.prompt_len), self.eos, np.int64)
+        # key_valid[b, j]: cache slot j of row b holds a real token (not left padding).
+        self.key_valid = np.zeros((n, self.cache_len), bool)
+        for row, request in enumerate(requests):
+            pad = self.prompt_len - self.prompt_lens[row]
+            self.prompt[row, pad:] = request.prompt_token_ids
+            self.key_valid[row, pad:] = True
+        self.seeds = np.array(
+            [secrets.randbits(64) if p.seed is None else p.seed for p in self.params],
+            np.uint64,
+        )
+        self.generated: list[list[int]] = [[] for _ in requests]
+        self.finished: list[FinishReason | None] = [None] * n
+        self.step = 0
+
+    @property
+    def done(self) -> bool:
+        return all(self.finished)
+
+    @property
+    def total(self) -> int:
+        """Cache slots in use after this step's tokens are written."""
+        return self.prompt_len + self.step
+
+    def prefill_inputs(self) -> list[np.ndarray]:
+        s = self.prompt_len
+        positions = np.maximum(np.cumsum(self.key_valid[:, :s], axis=1) - 1, 0)
+        causal = np.tril(np.ones((s, s), bool))
+        allowed = causal[None] & self.key_valid[:, None, :s]
+        return [self.prompt, positions, _bias(allowed)]
+
+    def decode_inputs(self) -> list[np.ndarray]:
+        last = np.array([g[-1] for g in self.generated], np.int64)[:, None]
+        positions = (self.prompt_lens + self.step - 1)[:, None].astype(np.int64)
+        allowed = self.key_valid[:, None, : self.total]
+        return [last, positions, _bias(allowed)]
+
+    def active_rows(self) -> np.ndarray:
+        return np.array([f is None for f in self.finished])
+
+    def sampled_rows(self) -> np.ndarray:
+        return np.array([not p.greedy for p in self.params]) & self.active_rows()
+
+    def sampler_inputs(self) -> list[np.ndarray]:
+        top_k = np.array([p.top_k for p in self.params], np.int64)
+        top_p = np.array([p.top_p for p in self.params], np.float32)
+        # A greedy row's sample is discarded, but the kernel still wants temperature > 0.
+        temperature = np.array([p.temperature or 1.0 for p in self.params], np.float32)
+        max_k = np.array(-1 if (top_k == 0).any() else top_k.max(), np.int64)
+        min_top_p = np.array(top_p.min(), np.float32)
+        seeds = step_seeds(self.seeds, self.step)
+        return [top_k, max_k, temperature, top_p, min_top_p, seeds]
+
+    def advance(self, tokens: np.ndarray) -> None:
+        """Record this step's tokens and which rows finished."""
+        self.key_valid[:, self.total] = True
+        self.step += 1
+        for row, token in enumerate(tokens.tolist()):
+            if self.finished[row]:
+                continue
+            self.generated[row].append(token)
+            params = self.params[row]
+            if token == self.eos and not params.ignore_eos:
+                self.finished[row] = "stop"
+            elif len(self.generated[row]) >= params.max_tokens:
+                self.finished[row] = "length"
+
+    def completions(self) -> list[Completion]:
+        return [
+            Completion(tokens, reason, int(n))
+            for tokens, reason, n in zip(
+                self.generated, self.finished, self.prompt_lens, strict=True
+            )
+        ]
+
+
+def _bias(allowed: np.ndarray) -> np.ndarray:
+    """Additive attention bias: 0 where attending is allowed, float32 min elsewhere."""
+    return np.where(allowed, np.float32(0), _MASKED).astype(np.float32)

@@ -1,0 +1,91 @@
+"""Per-request sampling parameters and the compiled sampler they drive."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from max.dtype import DType
+from max.experimental import compilation
+from max.experimental import functional as F
+from max.experimental.tensor import Tensor
+from max.graph import DeviceRef, TensorType
+from max.nn.kernels import topk_fused_sampling
+
+_fused_sampling = F.functional(topk_fused_sampling)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded; temperature 0 means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_k: int = 0  # 0: no top-k cut
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed per request
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        checks = {
+            "max_tokens": self.max_tokens >= 1,
+            "temperature": self.temperature >= 0.0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0.0 < self.top_p <= 1.0,
+            "seed": self.seed is None or 0 <= self.seed < 2**64,
+        }
+        for field, ok in checks.items():
+            if not ok:
+                raise ValueError(f"invalid {field}: {getattr(self, field)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def step_seeds(seeds: np.ndarray, step: int) -> np.ndarray:
+    """Per-row seeds for one decode step: a SplitMix64 hash of (request seed, step).
+
+    Each row's random stream depends only on its own seed and step, so a request samples
+    the same tokens whatever it is batched with.
+    """
+    with np.errstate(over="ignore"):
+        z = seeds.astype(np.uint64) + np.uint64(step + 1) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def _sample(
+    logits: Tensor,
+    top_k: Tensor,
+    max_k: Tensor,
+    temperature: Tensor,
+    top_p: Tensor,
+    min_top_p: Tensor,
+    seed: Tensor,
+) -> Tensor:
+    tokens = _fused_sampling(
+        logits,
+        top_k,
+        temperature=temperature,
+        max_k=max_k,
+        top_p=top_p,
+        min_top_p=min_top_p,
+        seed=seed,
+    )
+    return tokens.reshape([logits.shape[0]])
+
+
+def compile_sampler(vocab_size: int, device: DeviceRef):
+    """Compile MAX's fused top-k/top-p/temperature sampler for [batch, vocab] logits."""
+    cpu = DeviceRef.CPU()
+    return compilation.compile(_sample, name="sampler")(
+        TensorType(DType.float32, ["batch", vocab_size], device=device),
+        TensorType(DType.int64, ["batch"], device=device),
+        TensorType(DType.int64, [], device=cpu),
+        TensorType(DType.float32, ["batch"], device=device),
+        TensorType(DType.float32, ["batch"], device=device),
+        TensorType(DType.float32, [], device=cpu),
+        TensorType(DType.uint64, ["batch"], device=device),
+    )

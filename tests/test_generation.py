@@ -1,0 +1,168 @@
+"""Greedy and sampled generation: HF parity, batch invariance, seeds, compiles, limits."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+from conftest import hf_greedy
+from transformers import GPT2LMHeadModel
+
+from batchgen.engine import ContextLengthError, Engine, Request
+from batchgen.sampling import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=16)
+
+
+def tokens(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    out = engine.generate([Request(p, params) for p in prompts])
+    return [c.token_ids for c in out.completions]
+
+
+def test_greedy_matches_hf_generate_token_for_token(engine, hf_tiny, prompt_ids):
+    got = tokens(engine, prompt_ids, GREEDY)
+    expected = [hf_greedy(hf_tiny, ids, GREEDY.max_tokens) for ids in prompt_ids]
+    assert got == expected
+    assert len({tuple(t) for t in got}) == len(got), "rows should differ, or the test is weak"
+
+
+def test_greedy_is_independent_of_batch_order_and_neighbours(engine, prompt_ids):
+    together = tokens(engine, prompt_ids, GREEDY)
+    alone = [tokens(engine, [ids], GREEDY)[0] for ids in prompt_ids]
+    assert alone == together
+
+    order = list(range(len(prompt_ids)))
+    random.Random(1).shuffle(order)
+    shuffled = tokens(engine, [prompt_ids[i] for i in order], GREEDY)
+    assert shuffled == [together[i] for i in order]
+
+    # New, longer neighbours change the padding of every original row.
+    neighbours = [prompt_ids[0] * 9, prompt_ids[3] + prompt_ids[1]]
+    mixed = tokens(engine, neighbours + prompt_ids[::2], GREEDY)[len(neighbours) :]
+    assert mixed == together[::2]
+
+
+def test_finish_reasons_and_counts(engine, hf_tiny, prompt_ids):
+    lengths = [1, 5, 9]
+    requests = [Request(prompt_ids[1], SamplingParams(max_tokens=n)) for n in lengths]
+    out = engine.generate(requests)
+    full = hf_greedy(hf_tiny, prompt_ids[1], max(lengths))
+    for n, completion in zip(lengths, out.completions, strict=True):
+        assert completion.token_ids == full[:n]
+        assert completion.finish_reason == "length"
+        assert completion.completion_tokens == n
+        assert completion.prompt_tokens == len(prompt_ids[1])
+    assert out.padded_length == len(prompt_ids[1])
+    assert out.decode_steps == max(lengths) - 1
+    assert out.prefill_s > 0 and out.decode_s > 0
+
+
+def test_eos_stops_a_row(tiny_dir, hf_tiny, prompt_ids, tmp_path):
+    """Declare the 3rd greedy token of one prompt to be EOS; that row stops there, like HF."""
+    ids = prompt_ids[0]
+    eos = hf_greedy(hf_tiny, ids, 3)[2]
+    for file in tiny_dir.iterdir():
+        shutil.copy(file, tmp_path / file.name)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((tmp_path / name).read_text())
+        config["eos_token_id"] = eos
+        (tmp_path / name).write_text(json.dumps(config))
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+
+    out = Engine.from_pretrained(tmp_path).generate([Request(p, GREEDY) for p in prompt_ids])
+    stopped = out.completions[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == hf_greedy(hf, ids, GREEDY.max_tokens) == hf_greedy(hf_tiny, ids, 3)
+    for ids, completion in zip(prompt_ids[1:], out.completions[1:], strict=True):
+        assert completion.token_ids == hf_greedy(hf, ids, GREEDY.max_tokens)
+        assert completion.finish_reason == ("stop" if completion.token_ids[-1] == eos else "length")
+
+    ignoring = Request(ids, SamplingParams(max_tokens=8, ignore_eos=True))
+    assert Engine.from_pretrained(tmp_path).generate([ignoring]).completions[0].token_ids == (
+        hf_greedy(hf_tiny, ids, 8)
+    )
+
+
+def sampled(seed: int, **overrides) -> SamplingParams:
+    return SamplingParams(**{"max_tokens": 12, "temperature": 1.0, "seed": seed, **overrides})
+
+
+def test_same_seed_same_tokens_whatever_the_batch(engine, prompt_ids):
+    params = [sampled(seed) for seed in range(len(prompt_ids))]
+    together = engine.generate([Request(p, s) for p, s in zip(prompt_ids, params, strict=True)])
+    for ids, s, completion in zip(prompt_ids, params, together.completions, strict=True):
+        alone = engine.generate([Request(ids, s)]).completions[0]
+        assert alone.token_ids == completion.token_ids
+    # Same prompt and seed in other rows, next to greedy and differently-sampled neighbours.
+    target = Request(prompt_ids[3], params[3])
+    crowd = [Request(prompt_ids[0], GREEDY), Request(prompt_ids[5], sampled(99, top_k=5)), target]
+    assert engine.generate(crowd).completions[2].token_ids == together.completions[3].token_ids
+
+
+def test_different_seeds_give_different_tokens(engine, prompt_ids):
+    ids = prompt_ids[1]
+    runs = {tuple(tokens(engine, [ids], sampled(seed))[0]) for seed in range(4)}
+    assert len(runs) == 4
+
+
+def test_temperature_zero_and_top_k_one_equal_greedy(engine, prompt_ids):
+    greedy = tokens(engine, prompt_ids, GREEDY)
+    assert tokens(engine, prompt_ids, sampled(3, temperature=0.0, max_tokens=16)) == greedy
+    assert tokens(engine, prompt_ids, sampled(3, top_k=1, max_tokens=16)) == greedy
+    # Near-zero temperature goes through the sampler and still collapses to the argmax.
+    assert tokens(engine, prompt_ids, sampled(3, temperature=1e-4, max_tokens=16)) == greedy
+
+
+def test_top_k_and_top_p_restrict_the_candidates(engine, prompt_ids):
+    """A sample drawn with top_k=k is among the k most likely next tokens."""
+    logits = engine.next_token_logits(prompt_ids)
+    for k in (2, 5):
+        top = logits.argsort(axis=-1)[:, ::-1][:, :k]
+        for seed in range(3):
+            first = [t[0] for t in tokens(engine, prompt_ids, sampled(seed, top_k=k))]
+            assert all(tok in row for tok, row in zip(first, top, strict=True))
+
+
+def test_one_compile_serves_all_batch_sizes_and_lengths(tiny_dir, prompt_ids, monkeypatch):
+    from max.experimental import compilation
+    from max.experimental.nn import Module
+
+    calls = {"model": 0, "sampler": 0}
+    module_compile, function_compile = Module.compile, compilation.compile
+
+    def count_module(self, *args, **kwargs):
+        calls["model"] += 1
+        return module_compile(self, *args, **kwargs)
+
+    def count_function(fn, **kwargs):
+        calls["sampler"] += 1
+        return function_compile(fn, **kwargs)
+
+    monkeypatch.setattr(Module, "compile", count_module)
+    monkeypatch.setattr(compilation, "compile", count_function)
+    engine = Engine.from_pretrained(tiny_dir)
+    for size in range(1, len(prompt_ids) + 1):
+        for max_tokens in (1, 3, 7):
+            engine.generate([Request(p, SamplingParams(max_tokens)) for p in prompt_ids[:size]])
+            engine.generate([Request(p, sampled(size, max_tokens=max_tokens))
+                             for p in prompt_ids[-size:]])  # fmt: skip
+    assert calls == {"model": 1, "sampler": 1}
+    assert engine.graph_compiles == 2
+
+
+def test_context_limit_is_refused_before_any_graph_runs(engine, prompt_ids, monkeypatch):
+    def no_graph(*args, **kwargs):
+        raise AssertionError("a graph ran")
+
+    monkeypatch.setattr(engine, "_model", no_graph)
+    limit = engine.config.n_positions
+    ok = Request(prompt_ids[0], GREEDY)
+    too_long = Request([15496] * (limit - 10), SamplingParams(max_tokens=11))
+    with pytest.raises(ContextLengthError, match=r"1014 tokens.*max_tokens \(11\).*1024"):
+        engine.generate([ok, too_long])
+    with pytest.raises(ValueError, match="empty prompt"):
+        engine.generate([Request([], GREEDY)])
+    edge = Request([15496] * (limit - 11), SamplingParams(max_tokens=11))
+    engine.check(edge)  # exactly at the limit is allowed
