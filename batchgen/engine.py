@@ -149,6 +149,8 @@ class Engine:
         """Decode requests as one batch; each row's output is independent of the others."""
         for request in requests:
             self.check(request)
+        if any(not r.params.greedy for r in requests):
+            self._compile_sampler()
         batch = _DecodeBatch(requests, self.config)
         caches = self._new_caches(len(requests), batch.cache_len)
 
@@ -199,17 +201,23 @@ class Engine:
             for _ in range(2 * self.config.n_layer)
         ]
 
+    def _compile_sampler(self) -> None:
+        """Compile the sampler the first time a request asks for sampling."""
+        if self._sampler is None:
+            start = time.perf_counter()
+            self._sampler = compile_sampler(
+                self.config.vocab_size, DeviceRef.from_device(self.device)
+            )
+            self.graph_compiles += 1
+            self.timings["sampler_compile_s"] = time.perf_counter() - start
+
     def _choose(self, batch: _DecodeBatch, greedy: Tensor, logits: Tensor) -> np.ndarray:
         """Next token per row: the graph's argmax, or a seeded sample where asked."""
         tokens = greedy.to(CPU()).to_numpy().astype(np.int64)
         sampled = batch.sampled_rows()
         if not sampled.any():
             return tokens
-        if self._sampler is None:
-            self._sampler = compile_sampler(
-                self.config.vocab_size, DeviceRef.from_device(self.device)
-            )
-            self.graph_compiles += 1
+        assert self._sampler is not None
         top_k, max_k, temperature, top_p, min_top_p, seeds = batch.sampler_inputs()
         on_device = [
             Tensor.from_dlpack(a).to(self.device) for a in (top_k, temperature, top_p, seeds)

@@ -6,7 +6,6 @@ numerics are real, which is what tests and throughput measurements need.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from batchgen.weights import BUNDLED_TOKENIZER
 # token; a wider init gives varied text with decisive argmaxes, like a trained model's.
 SHAPES: dict[str, dict[str, float]] = {
     "tiny": dict(n_embd=64, n_layer=2, n_head=4, initializer_range=0.2),
-    "124M": dict(n_embd=768, n_layer=12, n_head=12, initializer_range=0.1),
+    "124M": dict(n_embd=768, n_layer=12, n_head=12, initializer_range=0.05),
 }
 
 
@@ -32,16 +31,3 @@ def write_random_checkpoint(path: Path, shape: str = "tiny", seed: int = 0) -> P
     for file in BUNDLED_TOKENIZER.glob("tokenizer*.json"):
         shutil.copy(file, path / file.name)
     return path
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("path", type=Path)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    print(write_random_checkpoint(args.path, args.shape, args.seed))
-
-
-if __name__ == "__main__":
-    main()

@@ -69,9 +69,19 @@ def convert_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> di
     return out
 
 
+def resolve(model: str | Path) -> str | Path:
+    """A local directory if `model` names one, else a Hub name; a missing path is an error."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if isinstance(model, Path) or str(model).startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"no checkpoint directory at {model}")
+    return str(model)
+
+
 def load_checkpoint(model: str | Path, dtype: torch.dtype) -> Checkpoint:
     """Load a GPT-2 of any size from a Hub name (e.g. `gpt2`) or a local directory."""
-    hf_model = GPT2LMHeadModel.from_pretrained(model, dtype=torch.float32)
+    hf_model = GPT2LMHeadModel.from_pretrained(resolve(model), dtype=torch.float32)
     # generation_config.json, when present, is where HF's generate() reads EOS from.
     config = config_from_hf(hf_model.config, hf_model.generation_config.eos_token_id)
     return Checkpoint(config, convert_state_dict(hf_model.state_dict(), dtype))
@@ -80,6 +90,11 @@ def load_checkpoint(model: str | Path, dtype: torch.dtype) -> Checkpoint:
 def load_tokenizer(model: str | Path) -> PreTrainedTokenizerBase:
     """The checkpoint's own tokenizer, else the bundled GPT-2 BPE (same for all sizes)."""
     try:
-        return AutoTokenizer.from_pretrained(model)
+        tokenizer = AutoTokenizer.from_pretrained(resolve(model))
     except (OSError, ValueError):
         return AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER)
+    # A directory with a config but no tokenizer files loads as a tokenizer with an empty
+    # vocabulary that encodes every text to [], instead of failing.
+    if not tokenizer("Hello").input_ids:
+        return AutoTokenizer.from_pretrained(BUNDLED_TOKENIZER)
+    return tokenizer

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
+from conftest import hf_greedy
+from transformers import GPT2LMHeadModel
 
-from batchgen.engine import Request, Step
+from batchgen.engine import Engine, Request, Step
 from batchgen.sampling import SamplingParams
+from batchgen.testing import write_random_checkpoint
 
 
 def hf_next_logits(model, ids: list[int]) -> np.ndarray:
@@ -33,3 +37,20 @@ def test_decode_step_logits_match_hf(engine, hf_tiny, prompt_ids):
             context = ids + completion.token_ids[: step.index]
             got = np.from_dlpack(step.logits.to_numpy())[row]
             np.testing.assert_allclose(got, hf_next_logits(hf_tiny, context), atol=1e-4, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def gpt2_124m(tmp_path_factory: pytest.TempPathFactory):
+    """The real GPT-2 124M shape (12 layers, 12 heads, 768 dims) with seeded random weights."""
+    path = write_random_checkpoint(tmp_path_factory.mktemp("gpt2-124m"), "124M", seed=1)
+    hf = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+    return Engine.from_pretrained(path), hf
+
+
+def test_124m_shape_logits_and_greedy_match_hf(gpt2_124m, prompt_ids):
+    engine, hf = gpt2_124m
+    logits = engine.next_token_logits(prompt_ids)
+    for row, ids in enumerate(prompt_ids):
+        np.testing.assert_allclose(logits[row], hf_next_logits(hf, ids), atol=1e-4, rtol=0)
+    out = engine.generate([Request(ids, SamplingParams(max_tokens=12)) for ids in prompt_ids])
+    assert [c.token_ids for c in out.completions] == [hf_greedy(hf, ids, 12) for ids in prompt_ids]

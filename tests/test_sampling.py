@@ -1,0 +1,43 @@
+"""SamplingParams validation and the per-row seed stream (no model needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from batchgen.cli import main
+from batchgen.sampling import SamplingParams, step_seeds
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_tokens", 0), ("temperature", -0.1), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+     ("seed", -1), ("seed", 2**64)],
+)  # fmt: skip
+def test_invalid_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"invalid {field}"):
+        SamplingParams(**{field: value})
+
+
+def test_greedy_means_temperature_zero_or_top_k_one():
+    assert SamplingParams().greedy
+    assert SamplingParams(temperature=0.7, top_k=1).greedy
+    assert not SamplingParams(temperature=0.7).greedy
+
+
+def test_step_seeds_depend_only_on_the_row_seed_and_step():
+    seeds = np.array([0, 1, 2**63, 2**64 - 1], np.uint64)
+    first = step_seeds(seeds, 0)
+    assert first.dtype == np.uint64
+    assert len(set(first.tolist())) == 4
+    assert (step_seeds(seeds[::-1], 0) == first[::-1]).all()
+    assert (step_seeds(seeds[2:3], 0) == first[2:3]).all()
+    steps = {int(step_seeds(seeds[:1], s)[0]) for s in range(100)}
+    assert len(steps) == 100
+
+
+def test_cli_rejects_bad_sampling_options_before_loading_a_model():
+    result = CliRunner().invoke(main, ["generate", "hi", "--top-p", "2", "--model", "/absent"])
+    assert result.exit_code == 2
+    assert "invalid top_p" in result.output
