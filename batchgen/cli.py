@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,47 +15,45 @@ from batchgen.sampling import SamplingParams
 
 def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options every model-running command shares: which model, where, in what dtype."""
-
-    @click.option(
-        "--model",
-        default="gpt2",
-        show_default=True,
-        help="Hugging Face model name or local checkpoint directory.",
-    )
-    @click.option(
-        "--device",
-        type=click.Choice(["auto", "cpu", "gpu"]),
-        default="auto",
-        show_default=True,
-        help="auto picks the GPU when MAX sees one.",
-    )
-    @click.option(
-        "--dtype",
-        type=click.Choice(["auto", "float32", "bfloat16"]),
-        default="auto",
-        show_default=True,
-        help="auto is bfloat16 on GPU, float32 on CPU.",
-    )
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return command(*args, **kwargs)
-
-    return wrapper
+    options = [
+        click.option(
+            "--model",
+            default="gpt2",
+            show_default=True,
+            help="Hugging Face model name or local checkpoint directory.",
+        ),
+        click.option(
+            "--device",
+            type=click.Choice(["auto", "cpu", "gpu"]),
+            default="auto",
+            show_default=True,
+            help="auto picks the GPU when MAX sees one.",
+        ),
+        click.option(
+            "--dtype",
+            type=click.Choice(["auto", "float32", "bfloat16"]),
+            default="auto",
+            show_default=True,
+            help="auto is bfloat16 on GPU, float32 on CPU.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """Per-request decoding options."""
-
-    @click.option("--max-tokens", default=20, show_default=True, help="New tokens at most.")
-    @click.option("--temperature", default=0.0, show_default=True, help="0 decodes greedily.")
-    @click.option("--top-k", default=0, show_default=True, help="0 keeps every token.")
-    @click.option("--top-p", default=1.0, show_default=True, help="Nucleus mass kept.")
-    @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return command(*args, **kwargs)
-
-    return wrapper
+    options = [
+        click.option("--max-tokens", default=20, show_default=True, help="New tokens at most."),
+        click.option("--temperature", default=0.0, show_default=True, help="0 decodes greedily."),
+        click.option("--top-k", default=0, show_default=True, help="0 keeps every token."),
+        click.option("--top-p", default=1.0, show_default=True, help="Nucleus mass kept."),
+        click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 def load_engine(model: str, device: str, dtype: str) -> Engine:
@@ -94,12 +91,17 @@ def generate(
     from batchgen.weights import load_tokenizer
 
     try:
-        params = SamplingParams(max_tokens, temperature, top_k, top_p, seed)
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+        )
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     engine = load_engine(model, device, dtype)
     tokenizer = load_tokenizer(model)
-    out = engine.generate([Request(tokenizer(prompt).input_ids, params)])
+    try:
+        out = engine.generate([Request(tokenizer(prompt).input_ids, params)])
+    except ValueError as error:  # context too long, empty prompt
+        raise click.ClickException(str(error)) from error
     completion = out.completions[0]
     click.echo(prompt + tokenizer.decode(completion.token_ids, skip_special_tokens=True))
     click.echo(

@@ -18,12 +18,12 @@ from max.experimental.tensor import Tensor
 from max.graph import DeviceRef
 
 from batchgen.model import GPT2Config, GPT2LMHeadModel, input_types
-from batchgen.sampling import SamplingParams, compile_sampler, step_seeds
+from batchgen.sampling import Sampler, SamplingParams, step_seeds
 from batchgen.weights import Checkpoint, load_checkpoint
 
 FinishReason = Literal["stop", "length"]
-_DTYPES = {"float32": (DType.float32, torch.float32),
-           "bfloat16": (DType.bfloat16, torch.bfloat16)}  # fmt: skip
+# The host-side torch dtype that carries each MAX dtype (numpy has no bfloat16).
+TORCH_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16}
 _MASKED = np.finfo(np.float32).min
 
 
@@ -81,7 +81,7 @@ class EngineConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
 
-def resolve_device(config: EngineConfig) -> tuple[Device, DType, torch.dtype]:
+def resolve_device(config: EngineConfig) -> tuple[Device, DType]:
     """Pick the device and dtype explicitly: GPU + bfloat16 when one exists, else CPU + fp32."""
     want_gpu = config.device == "gpu" or (config.device == "auto" and accelerator_count() > 0)
     if want_gpu and accelerator_count() == 0:
@@ -93,8 +93,7 @@ def resolve_device(config: EngineConfig) -> tuple[Device, DType, torch.dtype]:
     if dtype == "bfloat16" and not want_gpu:
         # MAX's CPU bf16 kernels ran 3-5x slower than fp32; refuse rather than crawl.
         raise ValueError("bfloat16 is supported on GPU only; use float32 on CPU")
-    max_dtype, torch_dtype = _DTYPES[dtype]
-    return device, max_dtype, torch_dtype
+    return device, DType.float32 if dtype == "float32" else DType.bfloat16
 
 
 class Engine:
@@ -115,16 +114,16 @@ class Engine:
         )
         self.graph_compiles += 1
         self.timings["compile_s"] = time.perf_counter() - start
-        self._sampler = None
+        self._sampler: Sampler | None = None
 
     @classmethod
     def from_pretrained(
         cls, model: str | Path = "gpt2", config: EngineConfig = EngineConfig()
     ) -> Engine:
         """Load a Hub name or local directory and compile it for the chosen device."""
-        device, dtype, torch_dtype = resolve_device(config)
+        device, dtype = resolve_device(config)
         start = time.perf_counter()
-        checkpoint = load_checkpoint(model, torch_dtype)
+        checkpoint = load_checkpoint(model, TORCH_DTYPES[dtype])
         load_s = time.perf_counter() - start
         engine = cls(checkpoint, device, dtype)
         engine.timings["load_s"] = load_s
@@ -136,6 +135,11 @@ class Engine:
         limit = self.config.n_positions
         if n_prompt == 0:
             raise ValueError("empty prompt: at least one token is required")
+        bad = [t for t in request.prompt_token_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
+            )
         if n_prompt + request.params.max_tokens > limit:
             raise ContextLengthError(
                 f"prompt ({n_prompt} tokens) + max_tokens "
@@ -149,6 +153,8 @@ class Engine:
         """Decode requests as one batch; each row's output is independent of the others."""
         for request in requests:
             self.check(request)
+        if not requests:
+            return BatchOutput([], 0, 0.0, 0.0, 0)
         if any(not r.params.greedy for r in requests):
             self._compile_sampler()
         batch = _DecodeBatch(requests, self.config)
@@ -187,15 +193,14 @@ class Engine:
         if on_step is not None:
             on_step(Step(batch.step - 1, tokens, active, logits))
 
-    def _run(self, inputs: Sequence[np.ndarray], caches: list[Tensor]):
+    def _run(self, inputs: Sequence[np.ndarray], caches: list[Tensor]) -> tuple[Tensor, Tensor]:
         tensors = [Tensor.from_dlpack(a).to(self.device) for a in inputs]
-        greedy, logits = self._model(*tensors, *caches)
-        return greedy, logits
+        return self._model(*tensors, *caches)
 
     def _new_caches(self, batch: int, length: int) -> list[Tensor]:
         # Zeroed, not empty: masked slots get zero attention weight, but 0 * NaN is NaN.
         shape = (batch, self.config.n_head, length, self.config.head_dim)
-        torch_dtype = torch.float32 if self.dtype == DType.float32 else torch.bfloat16
+        torch_dtype = TORCH_DTYPES[self.dtype]
         return [
             Tensor.from_dlpack(torch.zeros(shape, dtype=torch_dtype)).to(self.device)
             for _ in range(2 * self.config.n_layer)
@@ -205,9 +210,7 @@ class Engine:
         """Compile the sampler the first time a request asks for sampling."""
         if self._sampler is None:
             start = time.perf_counter()
-            self._sampler = compile_sampler(
-                self.config.vocab_size, DeviceRef.from_device(self.device)
-            )
+            self._sampler = Sampler(self.config.vocab_size, self.device)
             self.graph_compiles += 1
             self.timings["sampler_compile_s"] = time.perf_counter() - start
 
@@ -218,21 +221,7 @@ class Engine:
         if not sampled.any():
             return tokens
         assert self._sampler is not None
-        top_k, max_k, temperature, top_p, min_top_p, seeds = batch.sampler_inputs()
-        on_device = [
-            Tensor.from_dlpack(a).to(self.device) for a in (top_k, temperature, top_p, seeds)
-        ]
-        # max_k and min_top_p are kernel launch parameters, read on the host.
-        out = self._sampler(
-            logits,
-            on_device[0],
-            Tensor.from_dlpack(max_k),
-            on_device[1],
-            on_device[2],
-            Tensor.from_dlpack(min_top_p),
-            on_device[3],
-        )
-        drawn = out.to(CPU()).to_numpy().astype(np.int64)
+        drawn = self._sampler(logits, batch.params, step_seeds(batch.seeds, batch.step))
         return np.where(sampled, drawn, tokens)
 
 
@@ -275,12 +264,16 @@ class _DecodeBatch:
         s = self.prompt_len
         positions = np.maximum(np.cumsum(self.key_valid[:, :s], axis=1) - 1, 0)
         causal = np.tril(np.ones((s, s), bool))
-        allowed = causal[None] & self.key_valid[:, None, :s]
+        # A padding query may see only itself, so no row of the bias is fully masked.
+        allowed = causal[None] & self.key_valid[:, None, :s] | np.eye(s, dtype=bool)
         return [self.prompt, positions, _bias(allowed)]
 
     def decode_inputs(self) -> list[np.ndarray]:
         last = np.array([g[-1] for g in self.generated], np.int64)[:, None]
-        positions = (self.prompt_lens + self.step - 1)[:, None].astype(np.int64)
+        # A finished row is still fed; hold its position at its last one so it never runs
+        # past the position table while longer rows go on.
+        positions = np.minimum(self.prompt_lens + self.step, self.prompt_lens + self.max_tokens) - 1
+        positions = positions[:, None].astype(np.int64)
         allowed = self.key_valid[:, None, : self.total]
         return [last, positions, _bias(allowed)]
 
@@ -289,16 +282,6 @@ class _DecodeBatch:
 
     def sampled_rows(self) -> np.ndarray:
         return np.array([not p.greedy for p in self.params]) & self.active_rows()
-
-    def sampler_inputs(self) -> list[np.ndarray]:
-        top_k = np.array([p.top_k for p in self.params], np.int64)
-        top_p = np.array([p.top_p for p in self.params], np.float32)
-        # A greedy row's sample is discarded, but the kernel still wants temperature > 0.
-        temperature = np.array([p.temperature or 1.0 for p in self.params], np.float32)
-        max_k = np.array(-1 if (top_k == 0).any() else top_k.max(), np.int64)
-        min_top_p = np.array(top_p.min(), np.float32)
-        seeds = step_seeds(self.seeds, self.step)
-        return [top_k, max_k, temperature, top_p, min_top_p, seeds]
 
     def advance(self, tokens: np.ndarray) -> None:
         """Record this step's tokens and which rows finished."""

@@ -67,9 +67,11 @@ class Attention(Module):
         keys = F.slice_tensor(k_cache, read)
         values = F.slice_tensor(v_cache, read)
 
-        scores = (q @ keys.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))
+        # Softmax in float32 whatever the model dtype: the bias's float32-min entries would
+        # round to -inf in bfloat16.
+        scores = _as(q @ keys.transpose(-1, -2), DType.float32) * (1.0 / math.sqrt(self.head_dim))
         scores = scores + bias.reshape([batch, 1, seqlen, total])
-        out = F.softmax(scores) @ values
+        out = _as(F.softmax(scores), values.dtype) @ values
         out = out.permute([0, 2, 1, 3]).reshape([batch, seqlen, x.shape[-1]])
         return self.c_proj(out)
 
@@ -115,12 +117,11 @@ class GPT2LMHeadModel(Module):
     ) -> tuple[Tensor, Tensor]:
         t = self.transformer
         x = t.wte(tokens) + t.wpe(positions)
-        bias = bias.cast(x.dtype)
         for i, block in enumerate(t.h):
             x = block(x, bias, caches[2 * i], caches[2 * i + 1])
         # Left padding puts every row's last real token in the last column.
         last = t.ln_f(x[:, -1, :])
-        logits = (last @ t.wte.weight.T).cast(DType.float32)
+        logits = _as(last @ t.wte.weight.T, DType.float32)
         return F.argmax(logits, axis=-1).reshape([logits.shape[0]]), logits
 
 
@@ -140,3 +141,7 @@ def input_types(
 def _dim_value(dim: Dim) -> TensorValue:
     """A symbolic dim as a scalar int64 graph value (slice bounds need one)."""
     return TensorValue(F.reshape(F.shape_to_tensor([dim]), []))
+
+
+def _as(x: Tensor, dtype: DType) -> Tensor:
+    return x if x.dtype == dtype else x.cast(dtype)

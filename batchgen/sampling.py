@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from max.driver import CPU, Device
 from max.dtype import DType
 from max.experimental import compilation
 from max.experimental import functional as F
@@ -40,7 +42,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature == 0.0
 
 
 def step_seeds(seeds: np.ndarray, step: int) -> np.ndarray:
@@ -77,15 +79,45 @@ def _sample(
     return tokens.reshape([logits.shape[0]])
 
 
-def compile_sampler(vocab_size: int, device: DeviceRef):
-    """Compile MAX's fused top-k/top-p/temperature sampler for [batch, vocab] logits."""
-    cpu = DeviceRef.CPU()
-    return compilation.compile(_sample, name="sampler")(
-        TensorType(DType.float32, ["batch", vocab_size], device=device),
-        TensorType(DType.int64, ["batch"], device=device),
-        TensorType(DType.int64, [], device=cpu),
-        TensorType(DType.float32, ["batch"], device=device),
-        TensorType(DType.float32, ["batch"], device=device),
-        TensorType(DType.float32, [], device=cpu),
-        TensorType(DType.uint64, ["batch"], device=device),
-    )
+class Sampler:
+    """MAX's fused top-k/top-p/temperature sampler, compiled once for [batch, vocab] logits."""
+
+    def __init__(self, vocab_size: int, device: Device):
+        self.device = device
+        on_device, cpu = DeviceRef.from_device(device), DeviceRef.CPU()
+        self._graph = compilation.compile(_sample, name="sampler")(
+            TensorType(DType.float32, ["batch", vocab_size], device=on_device),
+            TensorType(DType.int64, ["batch"], device=on_device),
+            TensorType(DType.int64, [], device=cpu),
+            TensorType(DType.float32, ["batch"], device=on_device),
+            TensorType(DType.float32, ["batch"], device=on_device),
+            TensorType(DType.float32, [], device=cpu),
+            TensorType(DType.uint64, ["batch"], device=on_device),
+        )
+
+    def __call__(
+        self, logits: Tensor, params: Sequence[SamplingParams], seeds: np.ndarray
+    ) -> np.ndarray:
+        """One token per row, drawn with that row's params and seed.
+
+        Greedy rows get a throwaway top-1 draw; the caller keeps the argmax for them.
+        """
+        top_k = np.array([1 if p.greedy else p.top_k for p in params], np.int64)
+        top_p = np.array([1.0 if p.greedy else p.top_p for p in params], np.float32)
+        temperature = np.array([1.0 if p.greedy else p.temperature for p in params], np.float32)
+        # Launch-wide bounds, read on the host; a row's draw does not depend on them.
+        max_k = np.array(-1 if (top_k == 0).any() else top_k.max(), np.int64)
+        min_top_p = np.array(top_p.min(), np.float32)
+        tokens = self._graph(
+            logits,
+            self._to_device(top_k),
+            Tensor.from_dlpack(max_k),
+            self._to_device(temperature),
+            self._to_device(top_p),
+            Tensor.from_dlpack(min_top_p),
+            self._to_device(seeds),
+        )
+        return tokens.to(CPU()).to_numpy()
+
+    def _to_device(self, array: np.ndarray) -> Tensor:
+        return Tensor.from_dlpack(array).to(self.device)

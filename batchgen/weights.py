@@ -31,7 +31,7 @@ class Checkpoint:
     """A GPT-2 config and its weights as contiguous host arrays keyed by MAX names."""
 
     config: GPT2Config
-    weights: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray | torch.Tensor]
 
 
 def config_from_hf(hf: HFConfig, eos_token_id: int | list[int] | None = None) -> GPT2Config:

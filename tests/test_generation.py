@@ -6,11 +6,12 @@ import json
 import random
 import shutil
 
+import numpy as np
 import pytest
 from conftest import hf_greedy
 from transformers import GPT2LMHeadModel
 
-from batchgen.engine import ContextLengthError, Engine, Request
+from batchgen.engine import ContextLengthError, Engine, Request, Step
 from batchgen.sampling import SamplingParams
 
 GREEDY = SamplingParams(max_tokens=16)
@@ -98,7 +99,10 @@ def test_same_seed_same_tokens_whatever_the_batch(engine, prompt_ids):
     # Same prompt and seed in other rows, next to greedy and differently-sampled neighbours.
     target = Request(prompt_ids[3], params[3])
     crowd = [Request(prompt_ids[0], GREEDY), Request(prompt_ids[5], sampled(99, top_k=5)), target]
-    assert engine.generate(crowd).completions[2].token_ids == together.completions[3].token_ids
+    greedy_row, other_row, target_row = engine.generate(crowd).completions
+    assert target_row.token_ids == together.completions[3].token_ids
+    assert greedy_row.token_ids == tokens(engine, [prompt_ids[0]], GREEDY)[0]
+    assert other_row.token_ids != tokens(engine, [prompt_ids[5]], GREEDY)[0]
 
 
 def test_different_seeds_give_different_tokens(engine, prompt_ids):
@@ -115,14 +119,52 @@ def test_temperature_zero_and_top_k_one_equal_greedy(engine, prompt_ids):
     assert tokens(engine, prompt_ids, sampled(3, temperature=1e-4, max_tokens=16)) == greedy
 
 
-def test_top_k_and_top_p_restrict_the_candidates(engine, prompt_ids):
-    """A sample drawn with top_k=k is among the k most likely next tokens."""
-    logits = engine.next_token_logits(prompt_ids)
-    for k in (2, 5):
-        top = logits.argsort(axis=-1)[:, ::-1][:, :k]
-        for seed in range(3):
-            first = [t[0] for t in tokens(engine, prompt_ids, sampled(seed, top_k=k))]
-            assert all(tok in row for tok, row in zip(first, top, strict=True))
+def allowed_tokens(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The candidates top-k or top-p leave, computed independently from the step's logits."""
+    order = np.argsort(-logits)
+    if params.top_k:
+        return order[: params.top_k]
+    probs = np.exp((logits[order] - logits[order[0]]) / params.temperature).astype(np.float64)
+    cumulative = np.cumsum(probs / probs.sum())
+    return order[: np.searchsorted(cumulative, params.top_p) + 1]
+
+
+def test_samples_stay_inside_top_k_and_top_p(engine, prompt_ids):
+    params = [
+        sampled(seed, top_k=3) if seed % 2 else sampled(seed, top_p=0.9, temperature=1.5)
+        for seed in range(len(prompt_ids))
+    ]
+    steps: list[Step] = []
+    engine.generate([Request(p, s) for p, s in zip(prompt_ids, params, strict=True)], steps.append)
+    restricted = 0
+    for step in steps:
+        logits = step.logits.to_numpy()
+        for row, row_params in enumerate(params):
+            if step.active[row]:
+                allowed = allowed_tokens(logits[row], row_params)
+                assert step.tokens[row] in allowed
+                restricted += len(allowed) < 100
+    assert restricted > len(steps), "top-p should cut the candidates to a few at many steps"
+
+
+def test_a_seeded_row_ignores_its_neighbours_sampling_settings(engine, prompt_ids):
+    """The fused sampler takes batch-wide bounds (max_k, min_top_p); a row must not see them."""
+    target = Request(prompt_ids[1], sampled(11, top_k=5))
+    alone = engine.generate([target]).completions[0].token_ids
+    wide = Request(prompt_ids[2], sampled(12))  # top_k=0: full-vocabulary bound
+    narrow = Request(prompt_ids[4], sampled(13, top_p=0.3))  # lowers min_top_p
+    assert engine.generate([wide, target, narrow]).completions[1].token_ids == alone
+
+
+def test_a_finished_row_never_runs_past_the_position_table(engine, hf_tiny, prompt_ids):
+    """A 1000-token prompt done after 4 tokens rides along while a short row decodes 60."""
+    long = (prompt_ids[3] * 100)[:1000]
+    short = prompt_ids[0]
+    out = engine.generate(
+        [Request(long, SamplingParams(max_tokens=4)), Request(short, SamplingParams(max_tokens=60))]
+    )
+    assert out.completions[0].token_ids == hf_greedy(hf_tiny, long, 4)
+    assert out.completions[1].token_ids == hf_greedy(hf_tiny, short, 60)
 
 
 def test_one_compile_serves_all_batch_sizes_and_lengths(tiny_dir, prompt_ids, monkeypatch):
@@ -164,5 +206,8 @@ def test_context_limit_is_refused_before_any_graph_runs(engine, prompt_ids, monk
         engine.generate([ok, too_long])
     with pytest.raises(ValueError, match="empty prompt"):
         engine.generate([Request([], GREEDY)])
+    with pytest.raises(ValueError, match="token id 50257 is outside the vocabulary"):
+        engine.generate([Request([1, 50257], GREEDY)])
+    assert engine.generate([]).completions == []
     edge = Request([15496] * (limit - 11), SamplingParams(max_tokens=11))
     engine.check(edge)  # exactly at the limit is allowed

@@ -35,7 +35,7 @@ def test_decode_step_logits_match_hf(engine, hf_tiny, prompt_ids):
     for row, (ids, completion) in enumerate(zip(prompt_ids, out.completions, strict=True)):
         for step in steps:
             context = ids + completion.token_ids[: step.index]
-            got = np.from_dlpack(step.logits.to_numpy())[row]
+            got = step.logits.to_numpy()[row]
             np.testing.assert_allclose(got, hf_next_logits(hf_tiny, context), atol=1e-4, rtol=0)
 
 

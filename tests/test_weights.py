@@ -94,8 +94,8 @@ def test_default_gpt2_resolves_offline_from_a_hub_cache(tiny_dir, hf_tiny, tmp_p
 
 
 def test_device_and_dtype_are_explicit():
-    cpu, dtype, torch_dtype = resolve_device(EngineConfig(device="cpu"))
-    assert (cpu.label, str(dtype), torch_dtype) == ("cpu", "DType.float32", torch.float32)
+    cpu, dtype = resolve_device(EngineConfig(device="cpu"))
+    assert (cpu.label, str(dtype)) == ("cpu", "DType.float32")
     with pytest.raises(ValueError, match="bfloat16 is supported on GPU only"):
         resolve_device(EngineConfig(device="cpu", dtype="bfloat16"))
 
@@ -107,7 +107,7 @@ def test_device_and_dtype_are_explicit():
 def test_asking_for_a_missing_gpu_fails_clearly():
     with pytest.raises(ValueError, match="no accelerator"):
         resolve_device(EngineConfig(device="gpu"))
-    device, dtype, _ = resolve_device(EngineConfig())
+    device, dtype = resolve_device(EngineConfig())
     assert (device.label, str(dtype)) == ("cpu", "DType.float32")
 
 
