@@ -94,9 +94,10 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
     hf = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     vocab = engine.config.vocab_size
     c = engine.config
+    print_fn(f"model: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} dim")
     print_fn(
-        f"model: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} dim; MAX on {engine.device} "
-        f"{engine.dtype}, torch {torch.__version__} with {torch.get_num_threads()} threads"
+        f"MAX on {engine.device.label} {engine.dtype}; torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads"
     )
     print_fn(f"load {engine.timings['load_s']:.1f}s, compile {engine.timings['compile_s']:.1f}s")
     print_fn(

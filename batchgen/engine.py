@@ -14,7 +14,7 @@ import torch
 from max.driver import CPU, Accelerator, Device, accelerator_count
 from max.dtype import DType
 from max.experimental import functional as F
-from max.experimental.tensor import Tensor
+from max.experimental.tensor import Tensor, default_device, default_dtype
 from max.graph import DeviceRef
 
 from batchgen.model import GPT2Config, GPT2LMHeadModel, input_types
@@ -106,7 +106,9 @@ class Engine:
         self.graph_compiles = 0
         self.timings: dict[str, float] = {}
         start = time.perf_counter()
-        with F.lazy():  # parameters stay unmaterialised; `weights=` supplies them
+        # Lazy: parameters are declared, never initialised; `weights=` supplies them. The
+        # dtype and device are explicit because MAX's defaults differ between CPU and GPU.
+        with F.lazy(), default_dtype(dtype), default_device(device):
             model = GPT2LMHeadModel(self.config)
         device_ref = DeviceRef.from_device(device)
         self._model = model.compile(

@@ -6,11 +6,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import hf_greedy
+from max.driver import CPU
+from max.dtype import DType
 from transformers import GPT2LMHeadModel
 
 from batchgen.engine import Engine, Request, Step
 from batchgen.sampling import SamplingParams
 from batchgen.testing import write_random_checkpoint
+from batchgen.weights import load_checkpoint
 
 
 def hf_next_logits(model, ids: list[int]) -> np.ndarray:
@@ -54,3 +57,17 @@ def test_124m_shape_logits_and_greedy_match_hf(gpt2_124m, prompt_ids):
         np.testing.assert_allclose(logits[row], hf_next_logits(hf, ids), atol=1e-4, rtol=0)
     out = engine.generate([Request(ids, SamplingParams(max_tokens=12)) for ids in prompt_ids])
     assert [c.token_ids for c in out.completions] == [hf_greedy(hf, ids, 12) for ids in prompt_ids]
+
+
+def test_bfloat16_engine_runs_clean_and_close_to_hf(tiny_dir, hf_tiny, prompt_ids):
+    """bfloat16 is MAX's GPU default; run that graph here (slowly, on CPU) to catch dtype slips."""
+    engine = Engine(load_checkpoint(tiny_dir, torch.bfloat16), CPU(), DType.bfloat16)
+    logits = engine.next_token_logits(prompt_ids)
+    assert np.isfinite(logits).all()
+    reference = np.stack([hf_next_logits(hf_tiny, ids) for ids in prompt_ids])
+    # bfloat16 keeps 8 significant bits: about 1% of these logits' magnitude (up to ~25).
+    assert np.abs(logits - reference).max() < 0.3
+    assert (logits.argmax(-1) == reference.argmax(-1)).sum() >= len(prompt_ids) - 1
+    sampled = SamplingParams(max_tokens=4, temperature=0.8, seed=0)
+    out = engine.generate([Request(ids, sampled) for ids in prompt_ids])
+    assert all(c.completion_tokens == 4 or c.finish_reason == "stop" for c in out.completions)
