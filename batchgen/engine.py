@@ -132,7 +132,7 @@ class Engine:
         return engine
 
     def check(self, request: Request) -> None:
-        """Raise ContextLengthError if the request cannot fit the context window."""
+        """Raise ValueError (ContextLengthError past the context window) if it cannot run."""
         n_prompt = len(request.prompt_token_ids)
         limit = self.config.n_positions
         if n_prompt == 0:
@@ -179,7 +179,7 @@ class Engine:
         requests = [Request(p, SamplingParams(max_tokens=1)) for p in prompts]
         steps: list[Step] = []
         self.generate(requests, on_step=steps.append)
-        return np.from_dlpack(steps[0].logits.to(CPU()))
+        return steps[0].logits.to(CPU()).to_numpy()
 
     def _step(
         self,

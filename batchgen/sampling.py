@@ -46,13 +46,19 @@ class SamplingParams:
 
 
 def step_seeds(seeds: np.ndarray, step: int) -> np.ndarray:
-    """Per-row seeds for one decode step: a SplitMix64 hash of (request seed, step).
+    """Per-row seeds for one decode step: a hash of (request seed, step).
 
     Each row's random stream depends only on its own seed and step, so a request samples
     the same tokens whatever it is batched with.
     """
     with np.errstate(over="ignore"):
-        z = seeds.astype(np.uint64) + np.uint64(step + 1) * np.uint64(0x9E3779B97F4A7C15)
+        return _splitmix64(_splitmix64(seeds.astype(np.uint64)) + np.uint64(step))
+
+
+def _splitmix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective, well-mixing hash of uint64 values."""
+    with np.errstate(over="ignore"):
+        z = z + np.uint64(0x9E3779B97F4A7C15)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return z ^ (z >> np.uint64(31))
