@@ -40,6 +40,8 @@ def config_from_hf(hf: HFConfig, eos_token_id: int | list[int] | None = None) ->
             f"unsupported activation {hf.activation_function!r}: batchgen "
             "implements GPT-2's tanh GELU only"
         )
+    if not hf.scale_attn_weights or hf.scale_attn_by_inverse_layer_idx:
+        raise ValueError("unsupported attention scaling: batchgen implements GPT-2's 1/sqrt(d)")
     eos = eos_token_id if eos_token_id is not None else hf.eos_token_id
     if isinstance(eos, list):  # generation configs may list several; GPT-2 has one
         eos = eos[0]
@@ -55,9 +57,11 @@ def config_from_hf(hf: HFConfig, eos_token_id: int | list[int] | None = None) ->
     )
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, np.ndarray]:
+def convert_state_dict(
+    state: dict[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, np.ndarray | torch.Tensor]:
     """HF GPT-2 tensors -> MAX parameter arrays: Conv1D transposed, cast, contiguous."""
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, np.ndarray | torch.Tensor] = {}
     for name, tensor in state.items():
         if name in _SKIPPED_KEYS or name.endswith(_SKIPPED_SUFFIXES):
             continue

@@ -51,6 +51,8 @@ def test_config_comes_from_the_checkpoint(tiny_dir):
     assert config.eos_token_id == 50256
     with pytest.raises(ValueError, match="activation"):
         config_from_hf(HFConfig(activation_function="relu"))
+    with pytest.raises(ValueError, match="attention scaling"):
+        config_from_hf(HFConfig(scale_attn_by_inverse_layer_idx=True))
 
 
 def test_missing_local_path_is_reported_as_such(tmp_path):
