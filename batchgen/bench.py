@@ -92,8 +92,8 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
     torch.set_num_threads(os.cpu_count() or 1)
     engine = Engine.from_pretrained(model_dir, EngineConfig(device="cpu", dtype="float32"))
     hf = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    vocab = engine.config.vocab_size
     c = engine.config
+    vocab = c.vocab_size
     print_fn(f"model: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} dim")
     print_fn(
         f"MAX on {engine.device.label} {engine.dtype}; torch {torch.__version__} "
@@ -105,7 +105,6 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
         f"{config.new_tokens} new tokens, median of {config.repeats}"
     )
     print_fn(f"{'batch':>5} {'MAX tok/s':>10} {'HF tok/s':>10} {'ratio':>6}")
-    rows = []
     for batch in config.batch_sizes:
         prompts = make_prompts(batch, config.prompt_tokens, vocab, config.seed + batch)
         max_generate(engine, prompts, 4)  # warm-up
@@ -115,7 +114,6 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
         max_s = median_time(functools.partial(max_generate, engine, prompts, n), repeats)
         hf_s = median_time(functools.partial(hf_generate, hf, prompts, n), repeats)
         row = Row(batch, generated / max_s, generated / hf_s)
-        rows.append(row)
         print_fn(f"{batch:>5} {row.max_tps:>10.1f} {row.hf_tps:>10.1f} {row.ratio:>5.2f}x")
 
     short = decode_step_ms(engine, config.step_batch, config.prompt_tokens, vocab, config.seed)

@@ -37,9 +37,7 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="auto is bfloat16 on GPU, float32 on CPU.",
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _with_options(command, options)
 
 
 def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -51,6 +49,13 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--top-p", default=1.0, show_default=True, help="Nucleus mass kept."),
         click.option("--seed", type=int, default=None, help="Seed for reproducible sampling."),
     ]
+    return _with_options(command, options)
+
+
+def _with_options(
+    command: Callable[..., Any], options: list[Callable[[Any], Any]]
+) -> Callable[..., Any]:
+    """Apply click options so that --help lists them in the order given."""
     for option in reversed(options):
         command = option(command)
     return command

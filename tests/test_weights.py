@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import hf_greedy
+from max.driver import accelerator_count
 from transformers import GPT2Config as HFConfig
 
 from batchgen.engine import EngineConfig, resolve_device
@@ -102,10 +103,7 @@ def test_device_and_dtype_are_explicit():
         resolve_device(EngineConfig(device="cpu", dtype="bfloat16"))
 
 
-@pytest.mark.skipif(
-    __import__("max.driver", fromlist=["accelerator_count"]).accelerator_count() > 0,
-    reason="this machine has a GPU",
-)
+@pytest.mark.skipif(accelerator_count() > 0, reason="this machine has a GPU")
 def test_asking_for_a_missing_gpu_fails_clearly():
     with pytest.raises(ValueError, match="no accelerator"):
         resolve_device(EngineConfig(device="gpu"))
