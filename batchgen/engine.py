@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -73,6 +73,11 @@ class Step:
     logits: Tensor
 
 
+# Called after every forward pass; may return rows to finish now with reason "stop"
+# (a stop string seen by the caller, say).
+OnStep = Callable[[Step], Iterable[int] | None]
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Where and in what precision the model runs."""
@@ -110,12 +115,14 @@ class Engine:
         # dtype and device are explicit because MAX's defaults differ between CPU and GPU.
         with F.lazy(), default_dtype(dtype), default_device(device):
             model = GPT2LMHeadModel(self.config)
+        self.timings["init_s"] = time.perf_counter() - start
+        start = time.perf_counter()
         device_ref = DeviceRef.from_device(device)
         self._model = model.compile(
             *input_types(self.config, dtype, device_ref), weights=checkpoint.weights
         )
         self.graph_compiles += 1
-        self.timings["compile_s"] = time.perf_counter() - start
+        self.timings["compile_s"] = time.perf_counter() - start  # weights to device included
         self._sampler: Sampler | None = None
 
     @classmethod
@@ -149,16 +156,14 @@ class Engine:
                 f"{limit} tokens"
             )
 
-    def generate(
-        self, requests: Sequence[Request], on_step: Callable[[Step], None] | None = None
-    ) -> BatchOutput:
+    def generate(self, requests: Sequence[Request], on_step: OnStep | None = None) -> BatchOutput:
         """Decode requests as one batch; each row's output is independent of the others."""
         for request in requests:
             self.check(request)
         if not requests:
             return BatchOutput([], 0, 0.0, 0.0, 0)
         if any(not r.params.greedy for r in requests):
-            self._compile_sampler()
+            self.compile_sampler()
         batch = _DecodeBatch(requests, self.config)
         caches = self._new_caches(len(requests), batch.cache_len)
 
@@ -186,14 +191,14 @@ class Engine:
         batch: _DecodeBatch,
         inputs: Sequence[np.ndarray],
         caches: list[Tensor],
-        on_step: Callable[[Step], None] | None,
+        on_step: OnStep | None,
     ) -> None:
         active = batch.active_rows()
         greedy, logits = self._run(inputs, caches)
         tokens = self._choose(batch, greedy, logits)
         batch.advance(tokens)
         if on_step is not None:
-            on_step(Step(batch.step - 1, tokens, active, logits))
+            batch.stop(on_step(Step(batch.step - 1, tokens, active, logits)) or ())
 
     def _run(self, inputs: Sequence[np.ndarray], caches: list[Tensor]) -> tuple[Tensor, Tensor]:
         tensors = [Tensor.from_dlpack(a).to(self.device) for a in inputs]
@@ -208,8 +213,8 @@ class Engine:
             for _ in range(2 * self.config.n_layer)
         ]
 
-    def _compile_sampler(self) -> None:
-        """Compile the sampler the first time a request asks for sampling."""
+    def compile_sampler(self) -> None:
+        """Compile the sampler if not yet done; `generate` calls it when a request samples."""
         if self._sampler is None:
             start = time.perf_counter()
             self._sampler = Sampler(self.config.vocab_size, self.device)
@@ -298,6 +303,10 @@ class _DecodeBatch:
                 self.finished[row] = "stop"
             elif len(self.generated[row]) >= params.max_tokens:
                 self.finished[row] = "length"
+
+    def stop(self, rows: Iterable[int]) -> None:
+        for row in rows:
+            self.finished[row] = self.finished[row] or "stop"
 
     def completions(self) -> list[Completion]:
         return [

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 from max.driver import CPU, Device
 from max.dtype import DType
 from max.experimental import compilation
@@ -15,6 +17,15 @@ from max.graph import DeviceRef, TensorType
 from max.nn.kernels import topk_fused_sampling
 
 _fused_sampling = F.functional(topk_fused_sampling)
+
+
+class ParamError(ValueError):
+    """A sampling parameter is out of range; `field` names it."""
+
+    def __init__(self, field: str, value: object):
+        super().__init__(f"invalid {field}: {value!r}")
+        self.field = field
+        self.value = value
 
 
 @dataclass(frozen=True)
@@ -38,11 +49,17 @@ class SamplingParams:
         }
         for field, ok in checks.items():
             if not ok:
-                raise ValueError(f"invalid {field}: {getattr(self, field)!r}")
+                raise ParamError(field, getattr(self, field))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def derive_seed(base: int, key: str | int) -> int:
+    """A request's seed from a run's base seed and the request's id (a line id, a turn)."""
+    digest = hashlib.blake2b(orjson.dumps([base, key]), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 def step_seeds(seeds: np.ndarray, step: int) -> np.ndarray:

@@ -1,0 +1,55 @@
+"""Pack a stream of tokenized requests into batches of similar prompt length."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from batchgen.engine import Request
+from batchgen.jobfile import JobLine, LineError
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A valid input line with its prompt tokenized, ready for the engine."""
+
+    job: JobLine
+    request: Request
+
+    @property
+    def length(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+
+def pack(
+    items: Iterable[JobRequest | LineError], batch_size: int, window: int
+) -> Iterator[list[JobRequest] | LineError]:
+    """Yield batches of up to `batch_size` requests, sorted by length within `window`.
+
+    Errors pass straight through. At most `window` requests are held at once, so memory
+    does not grow with the input; a wider window packs with less padding.
+    """
+    pool: list[JobRequest] = []
+    for item in items:
+        if isinstance(item, LineError):
+            yield item
+            continue
+        pool.append(item)
+        if len(pool) >= max(window, batch_size):
+            pool.sort(key=_length_key)
+            full = len(pool) - len(pool) % batch_size
+            yield from _chunks(pool[:full], batch_size)
+            # The longest leftovers wait for the next window, which may hold their peers.
+            pool = pool[full:]
+    pool.sort(key=_length_key)
+    yield from _chunks(pool, batch_size)
+
+
+def _length_key(item: JobRequest) -> tuple[int, int]:
+    # Equal max_tokens also keeps rows from idling while a longer neighbour decodes.
+    return item.length, item.request.params.max_tokens
+
+
+def _chunks(items: list[JobRequest], size: int) -> Iterator[list[JobRequest]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,88 @@
+"""The MAX GPT-2 tutorial's modes on the batched engine: banner, one prompt, a prompt loop."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from batchgen.engine import Engine, Request
+from batchgen.model import GPT2Config
+from batchgen.sampling import SamplingParams, derive_seed
+
+QUIT_WORDS = frozenset({"quit", "exit", "q"})
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How the tutorial modes decode: sampled at a temperature, reproducible with a seed."""
+
+    max_new_tokens: int
+    temperature: float
+    seed: int | None
+
+    def params(self, turn: int) -> SamplingParams:
+        """Turn n of a session gets its own seed, derived from the session's."""
+        seed = None if self.seed is None else derive_seed(self.seed, turn)
+        return SamplingParams(self.max_new_tokens, self.temperature, seed=seed)
+
+
+def parameter_count(config: GPT2Config) -> int:
+    """Weights of a GPT-2 (lm_head is tied to the token embedding)."""
+    e = config.n_embd
+    per_block = (
+        4 * e + (e * 3 * e + 3 * e) + (e * e + e) + 2 * (e * config.mlp_dim) + config.mlp_dim + e
+    )
+    embeddings = (config.vocab_size + config.n_positions) * e
+    return embeddings + config.n_layer * per_block + 2 * e
+
+
+def banner(engine: Engine, model: str) -> list[str]:
+    """Device, model summary and setup timings, as the tutorial prints them."""
+    c, t = engine.config, engine.timings
+    dtype = str(engine.dtype).removeprefix("DType.")
+    return [
+        f"Device: {engine.device.label}, dtype: {dtype}",
+        f"Model: {model}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} embedding dim, "
+        f"{c.n_positions} context, {parameter_count(c) / 1e6:.1f}M parameters",
+        f"Model init: {t['init_s']:.2f} s (lazy, no random weights materialised)",
+        f"Weights loaded: {t.get('load_s', 0.0):.2f} s",
+        f"To device + compile: {t['compile_s']:.2f} s",
+    ]
+
+
+def generate_text(
+    engine: Engine, tokenizer: PreTrainedTokenizerBase, prompt: str, params: SamplingParams
+) -> str:
+    """The prompt's continuation (special tokens dropped)."""
+    out = engine.generate([Request(tokenizer(prompt).input_ids, params)])
+    return tokenizer.decode(out.completions[0].token_ids, skip_special_tokens=True)
+
+
+def prompt_loop(
+    engine: Engine,
+    tokenizer: PreTrainedTokenizerBase,
+    decoding: Decoding,
+    read: Callable[[str], str] = input,
+    write: Callable[[str], None] = print,
+) -> None:
+    """Ask for prompts until quit/exit/q, EOF or Ctrl-C; an empty line asks again."""
+    write("Type quit, exit or q (or Ctrl-D) to leave.")
+    for turn in itertools.count():
+        try:
+            prompt = read("\nEnter your prompt: ")
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return
+        if prompt.strip().lower() in QUIT_WORDS:
+            return
+        if not prompt.strip():
+            continue
+        try:
+            text = generate_text(engine, tokenizer, prompt, decoding.params(turn))
+        except ValueError as error:  # prompt too long for the context
+            write(f"Error: {error}")
+            continue
+        write(f"Generated text:\n{prompt}{text}")

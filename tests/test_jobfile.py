@@ -1,0 +1,176 @@
+"""Job file parsing, resume scanning and length-grouped batching (no model needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from batchgen.batching import JobRequest, pack
+from batchgen.engine import Request
+from batchgen.jobfile import (
+    Defaults,
+    Done,
+    JobLine,
+    LineError,
+    OutputError,
+    parse_line,
+    scan_output,
+)
+from batchgen.sampling import SamplingParams, derive_seed
+
+DEFAULTS = Defaults(SamplingParams(max_tokens=12, temperature=0.5), stop=("\n",), seed=None)
+
+# (line, the field its error must name); None: the line is not a JSON object at all.
+MALFORMED = [
+    (b'{"prompt": "hi"', None),
+    (b'["a list"]', None),
+    (b'"just a string"', None),
+    (b'{"id": "x"}', "prompt"),
+    (b'{"prompt": ""}', "prompt"),
+    (b'{"prompt": 42}', "prompt"),
+    (b'{"prompt": ["a", "b"]}', "prompt"),
+    (b'{"prompt": "hi", "max_tokens": "10"}', "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": 0}', "max_tokens"),
+    (b'{"prompt": "hi", "max_tokens": 2.5}', "max_tokens"),
+    (b'{"prompt": "hi", "temperature": -1}', "temperature"),
+    (b'{"prompt": "hi", "temperature": true}', "temperature"),
+    (b'{"prompt": "hi", "top_p": 0}', "top_p"),
+    (b'{"prompt": "hi", "top_k": -3}', "top_k"),
+    (b'{"prompt": "hi", "seed": -1}', "seed"),
+    (b'{"prompt": "hi", "stop": [1]}', "stop"),
+    (b'{"prompt": "hi", "id": [1]}', "id"),
+    (b'{"prompt": "hi", "max_token": 5}', "max_token"),
+    (b'{"custom_id": 5, "body": {"prompt": "hi"}}', "custom_id"),
+    (b'{"custom_id": "r", "method": "GET", "body": {"prompt": "hi"}}', "method"),
+    (b'{"custom_id": "r", "url": "/v1/chat/completions", "body": {}}', "url"),
+    (b'{"custom_id": "r", "body": "hi"}', "body"),
+    (b'{"custom_id": "r", "body": {"prompt": "hi", "n": 2}}', "body.n"),
+    (b'{"custom_id": "r", "body": {"prompt": "hi", "logprobs": 5}}', "body.logprobs"),
+    (b'{"custom_id": "r", "body": {"prompt": "hi", "max_tokens": "x"}}', "body.max_tokens"),
+    (b'{"custom_id": "r", "body": {"messages": []}}', "body.messages"),
+    (b'{"custom_id": "r", "body": {"model": "gpt2"}}', "body.prompt"),
+]
+
+
+@pytest.mark.parametrize(("raw", "field"), MALFORMED)
+def test_malformed_lines_name_their_field(raw: bytes, field: str | None):
+    error = parse_line(7, raw, DEFAULTS)
+    assert isinstance(error, LineError)
+    assert error.line == 7
+    assert error.field == field
+    if field is not None:
+        assert f"'{field}'" in error.message
+
+
+def test_native_line_overrides_defaults_and_id_defaults_to_line_number():
+    job = parse_line(3, b'{"prompt": "hi", "top_k": 40, "stop": ["a", "b"]}', DEFAULTS)
+    assert isinstance(job, JobLine)
+    assert job.id == 3 and job.form == "native"
+    assert job.params == SamplingParams(max_tokens=12, temperature=0.5, top_k=40)
+    assert job.stop == ("a", "b")
+    token_ids = parse_line(4, b'{"id": "t", "prompt": [1, 2], "metadata": {"k": 1}}', DEFAULTS)
+    assert token_ids.prompt == [1, 2] and token_ids.metadata == {"k": 1}
+    assert token_ids.stop == ("\n",)
+
+
+def test_openai_batch_line():
+    raw = orjson.dumps(
+        {
+            "custom_id": "req-1",
+            "method": "POST",
+            "url": "/v1/completions",
+            "body": {
+                "model": "gpt2",
+                "prompt": "hi",
+                "max_tokens": 5,
+                "seed": 9,
+                "stop": "x",
+                "n": 1,
+                "logprobs": None,
+                "user": "u",
+            },
+        }
+    )
+    job = parse_line(1, raw, DEFAULTS)
+    assert isinstance(job, JobLine)
+    assert (job.id, job.form, job.model, job.stop) == ("req-1", "openai", "gpt2", ("x",))
+    assert job.params == SamplingParams(max_tokens=5, temperature=0.5, seed=9)
+
+
+def test_base_seed_gives_each_line_its_own_reproducible_seed():
+    defaults = Defaults(seed=1)
+    a = parse_line(1, b'{"id": "a", "prompt": "x"}', defaults).params.seed
+    b = parse_line(2, b'{"id": "b", "prompt": "x"}', defaults).params.seed
+    assert a == derive_seed(1, "a") != b == derive_seed(1, "b")
+    assert a != derive_seed(2, "a")
+    own = parse_line(3, b'{"id": "c", "prompt": "x", "seed": 5}', defaults).params.seed
+    assert own == 5
+
+
+def write(path: Path, *lines: bytes) -> Path:
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def test_scan_output_cuts_a_torn_last_line(tmp_path: Path):
+    ok = b'{"id": "a", "text": "x", "finish_reason": "length"}\n'
+    err = b'{"id": null, "line": 4, "error": {"field": null, "message": "m"}}\n'
+    openai = orjson.dumps(
+        {"custom_id": "r", "response": {"status_code": 200}, "batchgen": {"line": 5}}
+    )
+    path = write(tmp_path / "out.jsonl", ok, err, openai + b"\n", b'{"id": "b", "te')
+    done = scan_output(path)
+    assert done.ids == {"a", "r"} and done.error_lines == {4}
+    assert path.read_bytes() == ok + err + openai + b"\n"
+
+
+def test_scan_output_restores_a_missing_final_newline(tmp_path: Path):
+    ok = b'{"id": 1, "text": "x"}'
+    path = write(tmp_path / "out.jsonl", ok)
+    assert scan_output(path).ids == {1}
+    assert path.read_bytes() == ok + b"\n"
+
+
+def test_scan_output_refuses_a_foreign_file(tmp_path: Path):
+    path = write(tmp_path / "out.jsonl", b"not json\n", b'{"id": 1, "text": "x"}\n')
+    with pytest.raises(OutputError, match="out.jsonl:1"):
+        scan_output(path)
+    assert path.read_bytes().startswith(b"not json")
+    with pytest.raises(OutputError, match=":1"):
+        scan_output(write(tmp_path / "other.jsonl", b'{"foo": 1}\n'))
+
+
+def test_done_covers_ids_and_error_lines():
+    done = Done(ids={"a"}, error_lines={3})
+    assert done.covers(1, "a") and done.covers(3, None) and not done.covers(2, "b")
+
+
+def job_request(number: int, length: int, max_tokens: int = 4) -> JobRequest:
+    job = JobLine(number, number, "native", "x", SamplingParams(max_tokens), ())
+    return JobRequest(job, Request([1] * length, job.params))
+
+
+def test_pack_groups_by_length_within_window_and_reads_lazily():
+    lengths = [9, 1, 5, 3, 8, 2, 7, 4, 6, 10, 1, 2]
+    pulled = 0
+
+    def source():
+        nonlocal pulled
+        for number, length in enumerate(lengths, start=1):
+            pulled += 1
+            yield job_request(number, length)
+            if number == 6:
+                yield LineError(number, None, "native", None, "bad")
+
+    batches = pack(source(), batch_size=2, window=4)
+    first = next(batches)
+    assert pulled == 4  # only a window was read before the first batch came out
+    rest = list(batches)
+    errors = [b for b in rest if isinstance(b, LineError)]
+    groups = [first, *(b for b in rest if not isinstance(b, LineError))]
+    assert len(errors) == 1
+    assert sorted(r.job.line for g in groups for r in g) == list(range(1, 13))
+    assert all(1 <= len(g) <= 2 for g in groups)
+    assert [r.length for r in first] == [1, 3]  # the shortest two of the first window
