@@ -144,6 +144,7 @@ def tutorial_benchmark(
         first_ms.append(1e3 * (stamps[0] - start))
         token_ms += [1e3 * (b - a) for a, b in itertools.pairwise(stamps)]
     total = statistics.mean(total_s)
+    single = new_tokens / total
     print_fn(
         f"Benchmark: {len(prompt_ids)}-token prompt, {new_tokens} new tokens, "
         f"greedy, {runs} runs after a warm-up"
@@ -153,9 +154,8 @@ def tutorial_benchmark(
         f"  per token:    {statistics.mean(token_ms):8.2f} ms "
         f"± {statistics.stdev(token_ms) if len(token_ms) > 1 else 0.0:.2f} ms"
     )
-    print_fn(f"  tokens/s:     {new_tokens / total:8.1f}")
+    print_fn(f"  tokens/s:     {single:8.1f}")
     print_fn(f"  total time:   {1e3 * total:8.1f} ms")
-    single = new_tokens / total
     print_fn(f"{'batch':>7} {'tokens/s':>10} {'ms/step':>8} {'vs 1 request':>12}")
     for batch in batch_sizes:
         requests = [request] * batch

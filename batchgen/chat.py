@@ -47,19 +47,19 @@ class ReplyStream:
     """Feeds one reply's tokens to a TextStream and shows the text each time it grows."""
 
     def __init__(self, vocab_bytes: Sequence[bytes], show: Callable[[str], None]):
-        self.text = TextStream(vocab_bytes, STOP_STRINGS)
+        self.stream = TextStream(vocab_bytes, STOP_STRINGS)
         self._show = show
 
     def on_step(self, step: Step) -> list[int]:
         """The engine's per-step callback for a batch of one; stops the row at a stop string."""
-        if step.active[0] and self.text.push(int(step.tokens[0])):
-            self._show(self.text.text.lstrip())
-        return [0] if self.text.stopped else []
+        if step.active[0] and self.stream.push(int(step.tokens[0])):
+            self._show(self.stream.text.lstrip())
+        return [0] if self.stream.stopped else []
 
     def finish(self) -> str:
-        if self.text.finish():
-            self._show(self.text.text.lstrip())
-        return self.text.text.strip()
+        if self.stream.finish():
+            self._show(self.stream.text.lstrip())
+        return self.stream.text.strip()
 
 
 def _panel(text: str) -> Panel:

@@ -168,7 +168,6 @@ def run(
     engine = load_engine(model, device, dtype)
     tokenizer = load_tokenizer(model)
     config = runner.RunConfig(batch_size, window, token_ids, model)
-    show = not quiet
     with (
         output.open() as out_stream,
         metrics.open() if metrics else contextlib.nullcontext() as metrics_stream,
@@ -191,7 +190,7 @@ def run(
             done,
             progress,
         )
-    if show:
+    if not quiet:
         click.echo(_summary_text(summary, output_path), err=True)
     if summary["interrupted"]:
         ctx.exit(128 + signal.Signals[summary["interrupted"]].value)
