@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from batchgen.weights import BUNDLED_TOKENIZER
+from batchgen.engine.weights import BUNDLED_TOKENIZER
 
 # GPT-2's own init (std 0.02) gives near-uniform logits and greedy text that repeats one
 # token; a wider init gives varied text with decisive argmaxes, like a trained model's.

@@ -1,20 +1,27 @@
 """Shared fixtures: seeded random checkpoints, their HF reference models, compiled engines.
 
 Compiling a graph costs seconds warm and a minute or more cold, so every engine here is
-session-scoped: one compile per checkpoint shape for the whole test run.
+session-scoped: one compile per checkpoint shape for the whole test run. Parity with
+transformers is asserted at float32 on the CPU, whatever the machine has; tests that need a
+GPU are marked `gpu` and skipped where MAX sees none.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from max.driver import CPU, accelerator_count
 from transformers import GPT2LMHeadModel
 
-from batchgen.engine import Engine
+from batchgen.engine import Engine, EngineConfig, Request, SamplingParams, Step
+from batchgen.engine.weights import load_tokenizer
 from batchgen.testing import write_random_checkpoint
-from batchgen.weights import load_tokenizer
+
+CPU_FP32 = EngineConfig(device="cpu", dtype="float32")
 
 PROMPTS = [
     "Hello world",
@@ -48,7 +55,22 @@ def hf_tiny(tiny_dir: Path) -> GPT2LMHeadModel:
 
 @pytest.fixture(scope="session")
 def engine(tiny_dir: Path) -> Engine:
-    return Engine.from_pretrained(tiny_dir)
+    return Engine.from_pretrained(tiny_dir, CPU_FP32)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if accelerator_count() == 0:
+        skip = pytest.mark.skip(reason="needs a GPU, and MAX sees none on this machine")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+def next_token_logits(engine: Engine, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+    """Float32 logits [len(prompts), vocab] for the token after each prompt (one prefill)."""
+    steps: list[Step] = []
+    engine.generate([Request(p, SamplingParams(max_tokens=1)) for p in prompts], steps.append)
+    return steps[0].logits.to(CPU()).to_numpy()
 
 
 def hf_greedy(model: GPT2LMHeadModel, ids: list[int], max_new_tokens: int) -> list[int]:

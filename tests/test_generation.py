@@ -8,11 +8,15 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import hf_greedy
-from transformers import GPT2LMHeadModel
+import torch
+from conftest import CPU_FP32, hf_greedy
+from max.driver import CPU
+from max.dtype import DType
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from batchgen.engine import ContextLengthError, Engine, Request, Step
-from batchgen.sampling import SamplingParams
+from batchgen.engine import ContextLengthError, Engine, Request, SamplingParams, Step
+from batchgen.engine.sampling import NO_CUT_TOP_K
+from batchgen.engine.weights import load_checkpoint
 
 GREEDY = SamplingParams(max_tokens=16)
 
@@ -72,7 +76,8 @@ def test_eos_stops_a_row(tiny_dir, hf_tiny, prompt_ids, tmp_path):
         (tmp_path / name).write_text(json.dumps(config))
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
 
-    out = Engine.from_pretrained(tmp_path).generate([Request(p, GREEDY) for p in prompt_ids])
+    eos_engine = Engine.from_pretrained(tmp_path, CPU_FP32)
+    out = eos_engine.generate([Request(p, GREEDY) for p in prompt_ids])
     stopped = out.completions[0]
     assert stopped.finish_reason == "stop"
     assert stopped.token_ids == hf_greedy(hf, ids, GREEDY.max_tokens) == hf_greedy(hf_tiny, ids, 3)
@@ -81,9 +86,7 @@ def test_eos_stops_a_row(tiny_dir, hf_tiny, prompt_ids, tmp_path):
         assert completion.finish_reason == ("stop" if completion.token_ids[-1] == eos else "length")
 
     ignoring = Request(ids, SamplingParams(max_tokens=8, ignore_eos=True))
-    assert Engine.from_pretrained(tmp_path).generate([ignoring]).completions[0].token_ids == (
-        hf_greedy(hf_tiny, ids, 8)
-    )
+    assert eos_engine.generate([ignoring]).completions[0].token_ids == (hf_greedy(hf_tiny, ids, 8))
 
 
 def sampled(seed: int, **overrides) -> SamplingParams:
@@ -119,32 +122,54 @@ def test_temperature_zero_and_top_k_one_equal_greedy(engine, prompt_ids):
     assert tokens(engine, prompt_ids, sampled(3, temperature=1e-4, max_tokens=16)) == greedy
 
 
-def allowed_tokens(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
-    """The candidates top-k or top-p leave, computed independently from the step's logits."""
+def allowed_tokens(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, float]:
+    """The candidates top-k or top-p leave, and their probability mass at the row's temperature,
+    computed independently from the step's logits."""
     order = np.argsort(-logits)
-    if params.top_k:
-        return order[: params.top_k]
-    probs = np.exp((logits[order] - logits[order[0]]) / params.temperature).astype(np.float64)
+    probs = np.exp((logits[order] - logits[order[0]]).astype(np.float64) / params.temperature)
     cumulative = np.cumsum(probs / probs.sum())
-    return order[: np.searchsorted(cumulative, params.top_p) + 1]
+    kept = params.top_k if params.top_k else int(np.searchsorted(cumulative, params.top_p)) + 1
+    return order[:kept], float(cumulative[kept - 1])
 
 
 def test_samples_stay_inside_top_k_and_top_p(engine, prompt_ids):
     params = [
-        sampled(seed, top_k=3) if seed % 2 else sampled(seed, top_p=0.9, temperature=1.5)
+        sampled(seed, top_k=3) if seed % 2 else sampled(seed, top_p=0.5, temperature=1.5)
         for seed in range(len(prompt_ids))
     ]
     steps: list[Step] = []
     engine.generate([Request(p, s) for p, s in zip(prompt_ids, params, strict=True)], steps.append)
-    restricted = 0
+    # Expected draws outside the cut had it been ignored: each draw lands outside with
+    # probability 1 - (mass kept). Top-k and top-p rows are counted apart, so neither
+    # kind of row can make up for the other ignoring its cut.
+    outside = {"top_k": 0.0, "top_p": 0.0}
     for step in steps:
         logits = step.logits.to_numpy()
         for row, row_params in enumerate(params):
             if step.active[row]:
-                allowed = allowed_tokens(logits[row], row_params)
+                allowed, mass = allowed_tokens(logits[row], row_params)
                 assert step.tokens[row] in allowed
-                restricted += len(allowed) < 100
-    assert restricted > len(steps), "top-p should cut the candidates to a few at many steps"
+                outside["top_k" if row_params.top_k else "top_p"] += 1 - mass
+    # Ignoring a cut would put a draw outside it with a chance of 1 - exp(-5) or more.
+    assert min(outside.values()) > 5, outside
+
+
+def test_no_top_k_cut_samples_far_beyond_256_candidates(engine, prompt_ids):
+    """MAX's kernel alone draws from 256 candidates when asked for no cut; batchgen draws from
+    NO_CUT_TOP_K. At temperature 1.5 this model's distribution is flat: its 256 likeliest
+    tokens hold a few percent of the mass, so most draws rank lower."""
+    params = [sampled(seed, max_tokens=1, temperature=1.5) for seed in range(64)]
+    steps: list[Step] = []
+    engine.generate([Request(prompt_ids[1], p) for p in params], steps.append)
+    logits = steps[0].logits.to_numpy()[0].astype(np.float64) / 1.5
+    order = np.argsort(-logits)
+    probs = np.exp(logits[order] - logits[order[0]])[:NO_CUT_TOP_K]
+    beyond_256 = 1 - probs[:256].sum() / probs.sum()
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    observed = np.mean(rank[steps[0].tokens] >= 256)
+    assert beyond_256 > 0.5, "the distribution should be flat, or the test is weak"
+    assert abs(observed - beyond_256) < 0.2, (observed, beyond_256)
 
 
 def test_a_seeded_row_ignores_its_neighbours_sampling_settings(engine, prompt_ids):
@@ -184,14 +209,13 @@ def test_one_compile_serves_all_batch_sizes_and_lengths(tiny_dir, prompt_ids, mo
 
     monkeypatch.setattr(Module, "compile", count_module)
     monkeypatch.setattr(compilation, "compile", count_function)
-    engine = Engine.from_pretrained(tiny_dir)
+    engine = Engine.from_pretrained(tiny_dir, CPU_FP32)
     for size in range(1, len(prompt_ids) + 1):
         for max_tokens in (1, 3, 7):
             engine.generate([Request(p, SamplingParams(max_tokens)) for p in prompt_ids[:size]])
             engine.generate([Request(p, sampled(size, max_tokens=max_tokens))
                              for p in prompt_ids[-size:]])  # fmt: skip
     assert calls == {"model": 1, "sampler": 1}
-    assert engine.graph_compiles == 2
 
 
 def test_context_limit_is_refused_before_any_graph_runs(engine, prompt_ids, monkeypatch):
@@ -211,3 +235,41 @@ def test_context_limit_is_refused_before_any_graph_runs(engine, prompt_ids, monk
     assert engine.generate([]).completions == []
     edge = Request([15496] * (limit - 11), SamplingParams(max_tokens=11))
     engine.check(edge)  # exactly at the limit is allowed
+
+
+def test_stop_strings_end_a_row_in_the_engine(engine, hf_tiny, tokenizer, prompt_ids):
+    """SamplingParams.stop: the row ends on the token that completes the string, text cut."""
+    full = hf_greedy(hf_tiny, prompt_ids[0], 12)
+    text = tokenizer.decode(full, skip_special_tokens=True)
+    stop = tokenizer.decode(full[4:6])
+    params = SamplingParams(max_tokens=12, stop=("never there", stop))
+    out = engine.generate([Request(prompt_ids[0], params), Request(prompt_ids[1], GREEDY)])
+    stopped, neighbour = out.completions
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == text[: text.index(stop)]
+    assert stopped.token_ids == full[:6]
+    assert neighbour.token_ids == hf_greedy(hf_tiny, prompt_ids[1], GREEDY.max_tokens)
+    assert neighbour.text == tokenizer.decode(neighbour.token_ids, skip_special_tokens=True)
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token(engine, prompt_ids):
+    huge = tokens(engine, prompt_ids[:2], sampled(5, top_k=2**64 - 1))
+    assert huge == tokens(engine, prompt_ids[:2], sampled(5, top_k=0))
+
+
+def test_a_padded_vocabulary_decodes_ids_the_tokenizer_lacks(tmp_path, tokenizer, prompt_ids):
+    """nanoGPT pads the vocabulary to 50304: ids past the tokenizer's 50257 decode to nothing."""
+    config = GPT2Config(vocab_size=50304, n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # every hidden state becomes ln_f's bias, whose best match is 50300
+        hf.transformer.ln_f.weight.zero_()
+        hf.transformer.ln_f.bias.normal_()
+        hf.transformer.wte.weight[50300] = 10 * hf.transformer.ln_f.bias
+    hf.save_pretrained(tmp_path)
+    padded = Engine(load_checkpoint(tmp_path, torch.float32), CPU(), DType.float32, tokenizer)
+    requests = [Request(prompt_ids[0], GREEDY), Request(prompt_ids[1], sampled(1, stop=("x",)))]
+    out = padded.generate(requests)
+    assert out.completions[0].token_ids == hf_greedy(hf, prompt_ids[0], GREEDY.max_tokens)
+    assert set(out.completions[0].token_ids) == {50300}
+    assert [c.text for c in out.completions] == ["", ""]

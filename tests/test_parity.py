@@ -5,15 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import CPU_FP32, hf_greedy, next_token_logits
 from max.driver import CPU
 from max.dtype import DType
 from transformers import GPT2LMHeadModel
 
-from batchgen.engine import Engine, Request, Step
-from batchgen.sampling import SamplingParams
+from batchgen.engine import Engine, EngineConfig, Request, SamplingParams, Step
+from batchgen.engine.weights import load_checkpoint
 from batchgen.testing import write_random_checkpoint
-from batchgen.weights import load_checkpoint
 
 
 def hf_next_logits(model, ids: list[int]) -> np.ndarray:
@@ -24,7 +23,7 @@ def hf_next_logits(model, ids: list[int]) -> np.ndarray:
 def test_prefill_logits_match_hf_for_padded_batch(engine, hf_tiny, prompt_ids):
     lengths = {len(p) for p in prompt_ids}
     assert len(lengths) >= 4, "the batch must mix prompt lengths so rows get padded"
-    logits = engine.next_token_logits(prompt_ids)
+    logits = next_token_logits(engine, prompt_ids)
     for row, ids in enumerate(prompt_ids):
         np.testing.assert_allclose(logits[row], hf_next_logits(hf_tiny, ids), atol=1e-4, rtol=0)
 
@@ -47,22 +46,20 @@ def gpt2_124m(tmp_path_factory: pytest.TempPathFactory):
     """The real GPT-2 124M shape (12 layers, 12 heads, 768 dims) with seeded random weights."""
     path = write_random_checkpoint(tmp_path_factory.mktemp("gpt2-124m"), "124M", seed=1)
     hf = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
-    return Engine.from_pretrained(path), hf
+    return Engine.from_pretrained(path, CPU_FP32), hf
 
 
 def test_124m_shape_logits_and_greedy_match_hf(gpt2_124m, prompt_ids):
     engine, hf = gpt2_124m
-    logits = engine.next_token_logits(prompt_ids)
+    logits = next_token_logits(engine, prompt_ids)
     for row, ids in enumerate(prompt_ids):
         np.testing.assert_allclose(logits[row], hf_next_logits(hf, ids), atol=1e-4, rtol=0)
     out = engine.generate([Request(ids, SamplingParams(max_tokens=12)) for ids in prompt_ids])
     assert [c.token_ids for c in out.completions] == [hf_greedy(hf, ids, 12) for ids in prompt_ids]
 
 
-def test_bfloat16_engine_runs_clean_and_close_to_hf(tiny_dir, hf_tiny, prompt_ids):
-    """bfloat16 is MAX's GPU default; run that graph here (slowly, on CPU) to catch dtype slips."""
-    engine = Engine(load_checkpoint(tiny_dir, torch.bfloat16), CPU(), DType.bfloat16)
-    logits = engine.next_token_logits(prompt_ids)
+def assert_bfloat16_close_to_hf(engine: Engine, hf_tiny, prompt_ids) -> None:
+    logits = next_token_logits(engine, prompt_ids)
     assert np.isfinite(logits).all()
     reference = np.stack([hf_next_logits(hf_tiny, ids) for ids in prompt_ids])
     # bfloat16 keeps 8 significant bits: about 1% of these logits' magnitude (up to ~25).
@@ -71,3 +68,18 @@ def test_bfloat16_engine_runs_clean_and_close_to_hf(tiny_dir, hf_tiny, prompt_id
     sampled = SamplingParams(max_tokens=4, temperature=0.8, seed=0)
     out = engine.generate([Request(ids, sampled) for ids in prompt_ids])
     assert all(c.completion_tokens == 4 or c.finish_reason == "stop" for c in out.completions)
+
+
+def test_bfloat16_engine_runs_clean_and_close_to_hf(tiny_dir, hf_tiny, tokenizer, prompt_ids):
+    """bfloat16 is MAX's GPU default; run that graph here (slowly, on CPU) to catch dtype slips."""
+    checkpoint = load_checkpoint(tiny_dir, torch.bfloat16)
+    engine = Engine(checkpoint, CPU(), DType.bfloat16, tokenizer)
+    assert_bfloat16_close_to_hf(engine, hf_tiny, prompt_ids)
+
+
+@pytest.mark.gpu
+def test_gpu_engine_bfloat16_close_to_hf_and_greedy_runs(tiny_dir, hf_tiny, prompt_ids):
+    """The default engine on a GPU: bfloat16 weights, float32 logits, within bf16's tolerance."""
+    engine = Engine.from_pretrained(tiny_dir, EngineConfig(device="gpu"))
+    assert engine.device.label == "gpu" and engine.dtype == DType.bfloat16
+    assert_bfloat16_close_to_hf(engine, hf_tiny, prompt_ids)

@@ -14,11 +14,10 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 from conftest import PROMPTS, hf_greedy
-from test_jobfile import MALFORMED
+from test_inputs import MALFORMED
 
-from batchgen.cli import main
-from batchgen.engine import Request
-from batchgen.sampling import SamplingParams
+from batchgen.cli import cli
+from batchgen.engine import Request, SamplingParams
 
 
 def write_jsonl(path: Path, records: list[Any]) -> Path:
@@ -30,8 +29,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
+# Parity with transformers is asserted at float32 on the CPU, whatever the machine has.
+CPU = ("--device", "cpu")
+
+
 def run_cli(*args: Any, input: bytes | None = None) -> Result:
-    return CliRunner().invoke(main, ["run", *map(str, args)], input=input)
+    return CliRunner().invoke(cli, ["run", *map(str, args), *CPU], input=input)
 
 
 def openai_line(custom_id: str, prompt: str, **body: Any) -> dict[str, Any]:
@@ -207,9 +210,17 @@ def child_env() -> dict[str, str]:
     return dict(os.environ)
 
 
-def batchgen(*args: Any) -> subprocess.Popen:
-    command = [sys.executable, "-m", "batchgen", "run", *map(str, args)]
-    return subprocess.Popen(command, stderr=subprocess.PIPE, env=child_env())
+# A child that takes Ctrl-C even where this test runs with SIGINT ignored (a background job
+# of a non-interactive shell): it restores Python's own handler, then runs `batchgen`.
+LAUNCH = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'batchgen'; runpy.run_module('batchgen', run_name='__main__')"
+)
+
+
+def batchgen(*args: Any, command: str = "run") -> subprocess.Popen:
+    argv = [sys.executable, "-c", LAUNCH, command, *map(str, args), *CPU]
+    return subprocess.Popen(argv, stderr=subprocess.PIPE, env=child_env())
 
 
 def wait_for_lines(process: subprocess.Popen, path: Path, n: int) -> None:
@@ -267,7 +278,7 @@ def test_stdin_to_stdout(tmp_path: Path, tiny_dir: Path):
     for quiet in (False, True):
         flags = ("--quiet",) if quiet else ()
         done = subprocess.run(
-            [sys.executable, "-m", "batchgen", "run", "-", "-", "--model", tiny_dir, *flags],
+            [sys.executable, "-m", "batchgen", "run", "-", "-", "--model", tiny_dir, *CPU, *flags],
             input=payload,
             capture_output=True,
             env=child_env(),

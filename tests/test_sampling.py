@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from batchgen.cli import main
-from batchgen.sampling import SamplingParams, step_seeds
+from batchgen.cli import cli
+from batchgen.engine.sampling import SamplingParams, step_seeds
 
 
 @pytest.mark.parametrize(
@@ -39,6 +39,6 @@ def test_step_seeds_depend_only_on_the_row_seed_and_step():
 
 
 def test_cli_rejects_bad_sampling_options_before_loading_a_model():
-    result = CliRunner().invoke(main, ["generate", "hi", "--top-p", "2", "--model", "/absent"])
+    result = CliRunner().invoke(cli, ["generate", "hi", "--top-p", "2", "--model", "/absent"])
     assert result.exit_code == 2
-    assert "invalid top_p" in result.output
+    assert "'--top-p': 2.0 is not in the range 0<x<=1" in result.output

@@ -7,7 +7,7 @@ import random
 import pytest
 from conftest import PROMPTS
 
-from batchgen.textstream import TextStream, decode, token_bytes
+from batchgen.engine.textstream import TextStream, decode, token_bytes
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,8 @@ from conftest import hf_greedy
 from max.driver import accelerator_count
 from transformers import GPT2Config as HFConfig
 
-from batchgen.engine import EngineConfig, resolve_device
-from batchgen.weights import (
+from batchgen.engine.engine import EngineConfig, resolve_device
+from batchgen.engine.weights import (
     config_from_hf,
     convert_state_dict,
     load_checkpoint,
@@ -112,6 +112,6 @@ def test_asking_for_a_missing_gpu_fails_clearly():
 
 
 def test_bundled_tokenizer_is_shipped_with_the_package():
-    from batchgen.weights import BUNDLED_TOKENIZER
+    from batchgen.engine.weights import BUNDLED_TOKENIZER
 
     assert (Path(BUNDLED_TOKENIZER) / "tokenizer.json").is_file()

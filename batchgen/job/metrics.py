@@ -1,4 +1,4 @@
-"""Per-batch timing and the run summary of a job."""
+"""Per-batch timing, the run summary of a job, and the summary as text."""
 
 from __future__ import annotations
 
@@ -46,8 +46,10 @@ class RunStats:
     padded_slots: int = 0
     latencies_ms: list[float] = field(default_factory=list)
 
-    def add_batch(self, batch: BatchStats) -> None:
-        self.ok += batch.size
+    def add_batch(self, batch: BatchStats, failed: int = 0) -> None:
+        """Count a decoded batch; `failed` of its results could not be written as results."""
+        self.ok += batch.size - failed
+        self.failed += failed
         self.prompt_tokens += batch.prompt_tokens
         self.generated_tokens += batch.generated_tokens
         self.padded_slots += batch.size * batch.padded_length
@@ -74,3 +76,30 @@ class RunStats:
             "padding_efficiency": round(efficiency, 4),
             **setup,
         }
+
+
+def summary_text(summary: dict[str, Any], output_name: str) -> str:
+    """The run summary for a person (stderr)."""
+    latency = summary["batch_latency_ms"]
+    head = f"batchgen run: {summary['requests_ok']} ok, {summary['requests_failed']} failed"
+    if summary["requests_skipped"]:
+        head += (
+            f", {summary['requests_skipped']} skipped as already in {output_name} "
+            f"({summary['requests_failed_earlier']} of them errors)"
+        )
+    lines = [
+        head,
+        f"  {summary['model']} on {summary['device']} {summary['dtype']}: "
+        f"load {summary['load_s']:.2f} s, compile {summary['compile_s']:.2f} s, "
+        f"sampler compile {summary['sampler_compile_s']:.2f} s",
+        f"  {summary['generated_tokens']} tokens in {summary['batches']} batches, "
+        f"{summary['run_s']:.2f} s: {summary['requests_per_s']} requests/s, "
+        f"{summary['generated_tokens_per_s']} tokens/s",
+        f"  batch latency p50 {latency['p50']} ms, p90 {latency['p90']} ms, "
+        f"p99 {latency['p99']} ms; padding efficiency {100 * summary['padding_efficiency']:.1f}%",
+    ]
+    if summary["requests_failed"] or summary["requests_failed_earlier"]:
+        lines.append(f"  failed lines have error lines in {output_name}: exit code 3")
+    if summary["interrupted"]:
+        lines.append(f"  interrupted by {summary['interrupted']}: rerun with --resume to finish")
+    return "\n".join(lines)

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from transformers import GPT2LMHeadModel
 
-from batchgen.engine import Engine, EngineConfig, Request
-from batchgen.sampling import SamplingParams
+from batchgen.engine import Engine, EngineConfig, Request, SamplingParams
 
 
 @dataclass(frozen=True)

@@ -1,26 +1,18 @@
-"""Job file parsing, resume scanning and length-grouped batching (no model needed)."""
+"""Input lines -> requests, and length-grouped batching (no model needed)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import orjson
 import pytest
 
-from batchgen.batching import JobRequest, pack
-from batchgen.engine import Request
-from batchgen.jobfile import (
-    Defaults,
-    Done,
-    JobLine,
-    LineError,
-    OutputError,
-    parse_line,
-    scan_output,
-)
-from batchgen.sampling import SamplingParams, derive_seed
+from batchgen.engine import Request, SamplingParams
+from batchgen.engine.sampling import derive_seed
+from batchgen.job.batching import JobRequest, pack
+from batchgen.job.inputs import Defaults, JobLine, LineError, parse_line, read_lines
 
-DEFAULTS = Defaults(SamplingParams(max_tokens=12, temperature=0.5), stop=("\n",), seed=None)
+DEFAULTS = Defaults(SamplingParams(max_tokens=12, temperature=0.5, stop=("\n",)), seed=None)
 
 # (line, the field its error must name); None: the line is not a JSON object at all.
 MALFORMED = [
@@ -40,17 +32,20 @@ MALFORMED = [
     (b'{"prompt": "hi", "top_k": -3}', "top_k"),
     (b'{"prompt": "hi", "seed": -1}', "seed"),
     (b'{"prompt": "hi", "stop": [1]}', "stop"),
+    (b'{"prompt": "hi", "stop": ["a", ""]}', "stop"),
+    (b'{"prompt": "hi", "temperature": 1e308}', "temperature"),
+    (b'{"prompt": "hi", "top_p": 1e-320}', "top_p"),
     (b'{"prompt": "hi", "id": [1]}', "id"),
     (b'{"prompt": "hi", "max_token": 5}', "max_token"),
     (b'{"custom_id": 5, "body": {"prompt": "hi"}}', "custom_id"),
     (b'{"custom_id": "r", "method": "GET", "body": {"prompt": "hi"}}', "method"),
     (b'{"custom_id": "r", "url": "/v1/chat/completions", "body": {}}', "url"),
     (b'{"custom_id": "r", "body": "hi"}', "body"),
-    (b'{"custom_id": "r", "body": {"prompt": "hi", "n": 2}}', "body.n"),
-    (b'{"custom_id": "r", "body": {"prompt": "hi", "logprobs": 5}}', "body.logprobs"),
-    (b'{"custom_id": "r", "body": {"prompt": "hi", "max_tokens": "x"}}', "body.max_tokens"),
-    (b'{"custom_id": "r", "body": {"messages": []}}', "body.messages"),
-    (b'{"custom_id": "r", "body": {"model": "gpt2"}}', "body.prompt"),
+    (b'{"custom_id": "r", "body": {"prompt": "hi", "n": 2}}', "n"),
+    (b'{"custom_id": "r", "body": {"prompt": "hi", "logprobs": 5}}', "logprobs"),
+    (b'{"custom_id": "r", "body": {"prompt": "hi", "max_tokens": "x"}}', "max_tokens"),
+    (b'{"custom_id": "r", "body": {"messages": []}}', "messages"),
+    (b'{"custom_id": "r", "body": {"model": "gpt2"}}', "prompt"),
 ]
 
 
@@ -68,11 +63,25 @@ def test_native_line_overrides_defaults_and_id_defaults_to_line_number():
     job = parse_line(3, b'{"prompt": "hi", "top_k": 40, "stop": ["a", "b"]}', DEFAULTS)
     assert isinstance(job, JobLine)
     assert job.id == 3 and job.form == "native"
-    assert job.params == SamplingParams(max_tokens=12, temperature=0.5, top_k=40)
-    assert job.stop == ("a", "b")
+    assert job.params == SamplingParams(max_tokens=12, temperature=0.5, top_k=40, stop=("a", "b"))
     token_ids = parse_line(4, b'{"id": "t", "prompt": [1, 2], "metadata": {"k": 1}}', DEFAULTS)
     assert token_ids.prompt == [1, 2] and token_ids.metadata == {"k": 1}
-    assert token_ids.stop == ("\n",)
+    assert token_ids.params.stop == ("\n",)
+
+
+def test_null_means_default_and_integral_floats_are_integers():
+    """As OpenAI's and vLLM's request models read them (pydantic: Optional, lax int)."""
+    raw = b'{"prompt": "hi", "max_tokens": 16.0, "temperature": null, "top_k": null, "stop": null}'
+    job = parse_line(1, raw, DEFAULTS)
+    assert job.params == SamplingParams(max_tokens=16, temperature=0.5, stop=("\n",))
+    assert isinstance(job.params.max_tokens, int)
+
+
+def test_read_lines_skips_a_bom_and_blank_lines_and_takes_crlf():
+    stream = io.BytesIO(b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n  \n{"prompt": "b"}\r\n')
+    lines = list(read_lines(stream))
+    assert [n for n, _ in lines] == [1, 4]
+    assert [parse_line(n, raw, DEFAULTS).prompt for n, raw in lines] == ["a", "b"]
 
 
 def test_openai_batch_line():
@@ -95,8 +104,8 @@ def test_openai_batch_line():
     )
     job = parse_line(1, raw, DEFAULTS)
     assert isinstance(job, JobLine)
-    assert (job.id, job.form, job.model, job.stop) == ("req-1", "openai", "gpt2", ("x",))
-    assert job.params == SamplingParams(max_tokens=5, temperature=0.5, seed=9)
+    assert (job.id, job.form) == ("req-1", "openai")
+    assert job.params == SamplingParams(max_tokens=5, temperature=0.5, seed=9, stop=("x",))
 
 
 def test_base_seed_gives_each_line_its_own_reproducible_seed():
@@ -109,46 +118,8 @@ def test_base_seed_gives_each_line_its_own_reproducible_seed():
     assert own == 5
 
 
-def write(path: Path, *lines: bytes) -> Path:
-    path.write_bytes(b"".join(lines))
-    return path
-
-
-def test_scan_output_cuts_a_torn_last_line(tmp_path: Path):
-    ok = b'{"id": "a", "text": "x", "finish_reason": "length"}\n'
-    err = b'{"id": null, "line": 4, "error": {"field": null, "message": "m"}}\n'
-    openai = orjson.dumps(
-        {"custom_id": "r", "response": {"status_code": 200}, "batchgen": {"line": 5}}
-    )
-    path = write(tmp_path / "out.jsonl", ok, err, openai + b"\n", b'{"id": "b", "te')
-    done = scan_output(path)
-    assert done.ids == {"a", "r"} and done.error_lines == {4}
-    assert path.read_bytes() == ok + err + openai + b"\n"
-
-
-def test_scan_output_restores_a_missing_final_newline(tmp_path: Path):
-    ok = b'{"id": 1, "text": "x"}'
-    path = write(tmp_path / "out.jsonl", ok)
-    assert scan_output(path).ids == {1}
-    assert path.read_bytes() == ok + b"\n"
-
-
-def test_scan_output_refuses_a_foreign_file(tmp_path: Path):
-    path = write(tmp_path / "out.jsonl", b"not json\n", b'{"id": 1, "text": "x"}\n')
-    with pytest.raises(OutputError, match="out.jsonl:1"):
-        scan_output(path)
-    assert path.read_bytes().startswith(b"not json")
-    with pytest.raises(OutputError, match=":1"):
-        scan_output(write(tmp_path / "other.jsonl", b'{"foo": 1}\n'))
-
-
-def test_done_covers_ids_and_error_lines():
-    done = Done(ids={"a"}, error_lines={3})
-    assert done.covers(1, "a") and done.covers(3, None) and not done.covers(2, "b")
-
-
 def job_request(number: int, length: int, max_tokens: int = 4) -> JobRequest:
-    job = JobLine(number, number, "native", "x", SamplingParams(max_tokens), ())
+    job = JobLine(number, number, "native", "x", SamplingParams(max_tokens))
     return JobRequest(job, Request([1] * length, job.params))
 
 

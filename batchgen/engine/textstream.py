@@ -21,15 +21,20 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def token_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
-    """The raw bytes of every token id; special tokens decode to nothing."""
+def token_bytes(tokenizer: PreTrainedTokenizerBase, vocab_size: int = 0) -> list[bytes]:
+    """The raw bytes of every token id the model can emit; special tokens decode to nothing.
+
+    A model's vocabulary may be padded past the tokenizer's (nanoGPT pads 50257 to 50304);
+    ids the tokenizer does not know decode to nothing, as in Hugging Face's `decode`.
+    """
     char_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
     special = set(tokenizer.all_special_ids)
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return [
+    known = [
         b"" if i in special else bytes(char_to_byte[c] for c in piece)
         for i, piece in enumerate(pieces)
     ]
+    return known + [b""] * max(0, vocab_size - len(known))
 
 
 def decode(vocab_bytes: Sequence[bytes], token_ids: Sequence[int]) -> str:

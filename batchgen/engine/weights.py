@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerBase
 from transformers import GPT2Config as HFConfig
 
-from batchgen.model import GPT2Config
+from batchgen.engine.model import GPT2Config
 
 # Hugging Face's Conv1D stores [in, out]; MAX's Linear wants [out, in].
 _CONV1D_SUFFIXES = (
@@ -23,7 +23,7 @@ _CONV1D_SUFFIXES = (
 _SKIPPED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _SKIPPED_KEYS = ("lm_head.weight",)
 
-BUNDLED_TOKENIZER = Path(__file__).parent / "data" / "gpt2-tokenizer"
+BUNDLED_TOKENIZER = Path(__file__).parent.parent / "data" / "gpt2-tokenizer"
 
 
 @dataclass

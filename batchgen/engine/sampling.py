@@ -17,6 +17,12 @@ from max.graph import DeviceRef, TensorType
 from max.nn.kernels import topk_fused_sampling
 
 _fused_sampling = F.functional(topk_fused_sampling)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+# What "no top-k cut" draws from. MAX 26.7's fused kernel reads a cut at the whole vocabulary
+# (or 0) as "no cut" and then draws from its 256 likeliest tokens only; and past about 20,000
+# candidates its draws change with the batch (both measured on CPU). 16,384 keeps draws
+# batch-invariant and leaves out only the least likely tail of GPT-2's 50,257 tokens.
+NO_CUT_TOP_K = 16_384
 
 
 class ParamError(ValueError):
@@ -38,14 +44,18 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None  # None: a fresh random seed per request
     ignore_eos: bool = False
+    # The row ends as soon as its text contains one of these; the text excludes it.
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # The sampler computes in float32: the values must survive the cast.
         checks = {
             "max_tokens": self.max_tokens >= 1,
-            "temperature": self.temperature >= 0.0,
+            "temperature": 0.0 <= self.temperature <= _FLOAT32_MAX,
             "top_k": self.top_k >= 0,
-            "top_p": 0.0 < self.top_p <= 1.0,
+            "top_p": np.float32(self.top_p) > 0.0 and self.top_p <= 1.0,
             "seed": self.seed is None or 0 <= self.seed < 2**64,
+            "stop": isinstance(self.stop, tuple) and all(self.stop),
         }
         for field, ok in checks.items():
             if not ok:
@@ -107,6 +117,7 @@ class Sampler:
 
     def __init__(self, vocab_size: int, device: Device):
         self.device = device
+        self.vocab_size = vocab_size
         on_device, cpu = DeviceRef.from_device(device), DeviceRef.CPU()
         self._graph = compilation.compile(_sample, name="sampler")(
             TensorType(DType.float32, ["batch", vocab_size], device=on_device),
@@ -125,11 +136,14 @@ class Sampler:
 
         Greedy rows get a throwaway top-1 draw; the caller keeps the argmax for them.
         """
-        top_k = np.array([1 if p.greedy else p.top_k for p in params], np.int64)
+        no_cut = min(NO_CUT_TOP_K, self.vocab_size - 1)
+        top_k = np.array(
+            [1 if p.greedy else min(p.top_k or no_cut, no_cut) for p in params], np.int64
+        )
         top_p = np.array([1.0 if p.greedy else p.top_p for p in params], np.float32)
         temperature = np.array([1.0 if p.greedy else p.temperature for p in params], np.float32)
         # Launch-wide bounds, read on the host; a row's draw does not depend on them.
-        max_k = np.array(-1 if (top_k == 0).any() else top_k.max(), np.int64)
+        max_k = np.array(top_k.max(), np.int64)
         min_top_p = np.array(top_p.min(), np.float32)
         tokens = self._graph(
             logits,

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from batchgen.engine import Request
-from batchgen.jobfile import JobLine, LineError
+from batchgen.job.inputs import JobLine, LineError
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,9 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from transformers import PreTrainedTokenizerBase
-
-from batchgen.engine import Engine, Request
-from batchgen.model import GPT2Config
-from batchgen.sampling import SamplingParams, derive_seed
+from batchgen.engine import Engine, Request, SamplingParams
+from batchgen.engine.model import GPT2Config
+from batchgen.engine.sampling import derive_seed
 
 QUIT_WORDS = frozenset({"quit", "exit", "q"})
 
@@ -53,17 +51,14 @@ def banner(engine: Engine, model: str) -> list[str]:
     ]
 
 
-def generate_text(
-    engine: Engine, tokenizer: PreTrainedTokenizerBase, prompt: str, params: SamplingParams
-) -> str:
+def generate_text(engine: Engine, prompt: str, params: SamplingParams) -> str:
     """The prompt's continuation (special tokens dropped)."""
-    out = engine.generate([Request(tokenizer(prompt).input_ids, params)])
-    return tokenizer.decode(out.completions[0].token_ids, skip_special_tokens=True)
+    out = engine.generate([Request(engine.tokenizer(prompt).input_ids, params)])
+    return out.completions[0].text
 
 
 def prompt_loop(
     engine: Engine,
-    tokenizer: PreTrainedTokenizerBase,
     decoding: Decoding,
     read: Callable[[str], str] = input,
     write: Callable[[str], None] = print,
@@ -81,8 +76,11 @@ def prompt_loop(
         if not prompt.strip():
             continue
         try:
-            text = generate_text(engine, tokenizer, prompt, decoding.params(turn))
+            text = generate_text(engine, prompt, decoding.params(turn))
         except ValueError as error:  # prompt too long for the context
             write(f"Error: {error}")
             continue
+        except KeyboardInterrupt:  # Ctrl-C while generating leaves as it does at the prompt
+            write("")
+            return
         write(f"Generated text:\n{prompt}{text}")

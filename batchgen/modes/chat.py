@@ -12,10 +12,10 @@ from rich.panel import Panel
 from rich.text import Text
 from transformers import PreTrainedTokenizerBase
 
-from batchgen.engine import Engine, Request, Step
-from batchgen.interactive import QUIT_WORDS
-from batchgen.sampling import SamplingParams, derive_seed
-from batchgen.textstream import TextStream, token_bytes
+from batchgen.engine import Engine, Request, SamplingParams, Step
+from batchgen.engine.sampling import derive_seed
+from batchgen.engine.textstream import TextStream
+from batchgen.modes.interactive import QUIT_WORDS
 
 # GPT-2 continues a transcript; it "ends its turn" by starting the next speaker's line.
 STOP_STRINGS = ("\nHuman:", "\nAI:")
@@ -44,17 +44,20 @@ def build_prompt(
 
 
 class ReplyStream:
-    """Feeds one reply's tokens to a TextStream and shows the text each time it grows."""
+    """Feeds one reply's tokens to a TextStream and shows the text each time it grows.
+
+    The engine ends the row at a stop string; this stream holds back any text that could
+    still begin one, so the panel never shows part of "\nHuman:".
+    """
 
     def __init__(self, vocab_bytes: Sequence[bytes], show: Callable[[str], None]):
         self.stream = TextStream(vocab_bytes, STOP_STRINGS)
         self._show = show
 
-    def on_step(self, step: Step) -> list[int]:
-        """The engine's per-step callback for a batch of one; stops the row at a stop string."""
+    def on_step(self, step: Step) -> None:
+        """The engine's per-step callback for a batch of one."""
         if step.active[0] and self.stream.push(int(step.tokens[0])):
             self._show(self.stream.text.lstrip())
-        return [0] if self.stream.stopped else []
 
     def finish(self) -> str:
         if self.stream.finish():
@@ -68,14 +71,13 @@ def _panel(text: str) -> Panel:
 
 def chat(
     engine: Engine,
-    tokenizer: PreTrainedTokenizerBase,
     temperature: float,
     max_new_tokens: int,
     seed: int | None,
     console: Console,
 ) -> None:
     """Chat until quit/exit/q, EOF or Ctrl-C."""
-    vocab_bytes = token_bytes(tokenizer)
+    tokenizer = engine.tokenizer
     budget = engine.config.n_positions - max_new_tokens
     history: list[Turn] = []
     console.print(
@@ -103,9 +105,10 @@ def chat(
             max_tokens=max_new_tokens,
             temperature=temperature,
             seed=None if seed is None else derive_seed(seed, turn),
+            stop=STOP_STRINGS,
         )
         with Live(_panel(""), console=console, refresh_per_second=24) as live:
-            reply = ReplyStream(vocab_bytes, lambda text: live.update(_panel(text)))
+            reply = ReplyStream(engine.vocab_bytes, lambda text: live.update(_panel(text)))
             try:
                 engine.generate([Request(ids, params)], reply.on_step)
             except KeyboardInterrupt:

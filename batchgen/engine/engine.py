@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,10 +16,12 @@ from max.dtype import DType
 from max.experimental import functional as F
 from max.experimental.tensor import Tensor, default_device, default_dtype
 from max.graph import DeviceRef
+from transformers import PreTrainedTokenizerBase
 
-from batchgen.model import GPT2Config, GPT2LMHeadModel, input_types
-from batchgen.sampling import Sampler, SamplingParams, step_seeds
-from batchgen.weights import Checkpoint, load_checkpoint
+from batchgen.engine.model import GPT2Config, GPT2LMHeadModel, input_types
+from batchgen.engine.sampling import Sampler, SamplingParams, step_seeds
+from batchgen.engine.textstream import TextStream, decode, token_bytes
+from batchgen.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
 
 FinishReason = Literal["stop", "length"]
 # The host-side torch dtype that carries each MAX dtype (numpy has no bfloat16).
@@ -41,11 +43,12 @@ class Request:
 
 @dataclass
 class Completion:
-    """What one request produced."""
+    """What one request produced: its tokens (EOS included) and its text (stop string cut)."""
 
     token_ids: list[int]
-    finish_reason: FinishReason
+    finish_reason: FinishReason  # "stop": EOS or a stop string; "length": max_tokens
     prompt_tokens: int
+    text: str = ""
 
     @property
     def completion_tokens(self) -> int:
@@ -73,9 +76,8 @@ class Step:
     logits: Tensor
 
 
-# Called after every forward pass; may return rows to finish now with reason "stop"
-# (a stop string seen by the caller, say).
-OnStep = Callable[[Step], Iterable[int] | None]
+# Called after every forward pass, e.g. to stream text as it is generated.
+OnStep = Callable[[Step], None]
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,19 @@ def resolve_device(config: EngineConfig) -> tuple[Device, DType]:
 class Engine:
     """GPT-2 compiled once for any batch size and length; `generate` runs one batch."""
 
-    def __init__(self, checkpoint: Checkpoint, device: Device, dtype: DType):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: Device,
+        dtype: DType,
+        tokenizer: PreTrainedTokenizerBase,
+    ):
         self.config: GPT2Config = checkpoint.config
         self.device = device
         self.dtype = dtype
-        self.graph_compiles = 0
+        self.tokenizer = tokenizer
+        # Sized by the model, whose vocabulary may be padded past the tokenizer's.
+        self.vocab_bytes = token_bytes(tokenizer, self.config.vocab_size)
         self.timings: dict[str, float] = {}
         start = time.perf_counter()
         # Lazy: parameters are declared, never initialised; `weights=` supplies them. The
@@ -121,7 +131,6 @@ class Engine:
         self._model = model.compile(
             *input_types(self.config, dtype, device_ref), weights=checkpoint.weights
         )
-        self.graph_compiles += 1
         self.timings["compile_s"] = time.perf_counter() - start  # weights to device included
         self._sampler: Sampler | None = None
 
@@ -133,8 +142,9 @@ class Engine:
         device, dtype = resolve_device(config)
         start = time.perf_counter()
         checkpoint = load_checkpoint(model, TORCH_DTYPES[dtype])
+        tokenizer = load_tokenizer(model)
         load_s = time.perf_counter() - start
-        engine = cls(checkpoint, device, dtype)
+        engine = cls(checkpoint, device, dtype, tokenizer)
         engine.timings["load_s"] = load_s
         return engine
 
@@ -164,7 +174,7 @@ class Engine:
             return BatchOutput([], 0, 0.0, 0.0, 0)
         if any(not r.params.greedy for r in requests):
             self.compile_sampler()
-        batch = _DecodeBatch(requests, self.config)
+        batch = _DecodeBatch(requests, self.config, self.vocab_bytes)
         caches = self._new_caches(len(requests), batch.cache_len)
 
         start = time.perf_counter()
@@ -179,13 +189,6 @@ class Engine:
         decode_s = time.perf_counter() - start
         return BatchOutput(batch.completions(), batch.prompt_len, prefill_s, decode_s, steps)
 
-    def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-        """Float32 logits [len(prompts), vocab] for the token after each prompt."""
-        requests = [Request(p, SamplingParams(max_tokens=1)) for p in prompts]
-        steps: list[Step] = []
-        self.generate(requests, on_step=steps.append)
-        return steps[0].logits.to(CPU()).to_numpy()
-
     def _step(
         self,
         batch: _DecodeBatch,
@@ -198,7 +201,7 @@ class Engine:
         tokens = self._choose(batch, greedy, logits)
         batch.advance(tokens)
         if on_step is not None:
-            batch.stop(on_step(Step(batch.step - 1, tokens, active, logits)) or ())
+            on_step(Step(batch.step - 1, tokens, active, logits))
 
     def _run(self, inputs: Sequence[np.ndarray], caches: list[Tensor]) -> tuple[Tensor, Tensor]:
         tensors = [Tensor.from_dlpack(a).to(self.device) for a in inputs]
@@ -218,7 +221,6 @@ class Engine:
         if self._sampler is None:
             start = time.perf_counter()
             self._sampler = Sampler(self.config.vocab_size, self.device)
-            self.graph_compiles += 1
             self.timings["sampler_compile_s"] = time.perf_counter() - start
 
     def _choose(self, batch: _DecodeBatch, greedy: Tensor, logits: Tensor) -> np.ndarray:
@@ -235,8 +237,15 @@ class Engine:
 class _DecodeBatch:
     """Host-side state of one left-padded batch: tokens, positions, masks, finished rows."""
 
-    def __init__(self, requests: Sequence[Request], config: GPT2Config):
+    def __init__(
+        self, requests: Sequence[Request], config: GPT2Config, vocab_bytes: Sequence[bytes]
+    ):
         self.params = [r.params for r in requests]
+        self.vocab_bytes = vocab_bytes
+        # Rows with stop strings watch their text as it grows.
+        self.streams = {
+            row: TextStream(vocab_bytes, p.stop) for row, p in enumerate(self.params) if p.stop
+        }
         self.eos = config.eos_token_id
         self.prompt_lens = np.array([len(r.prompt_token_ids) for r in requests])
         self.prompt_len = int(self.prompt_lens.max())
@@ -299,22 +308,28 @@ class _DecodeBatch:
                 continue
             self.generated[row].append(token)
             params = self.params[row]
-            if token == self.eos and not params.ignore_eos:
+            stream = self.streams.get(row)
+            if stream is not None:
+                stream.push(token)
+            # A stop string wins over "length" when the last allowed token completes it.
+            if (token == self.eos and not params.ignore_eos) or (stream and stream.stopped):
                 self.finished[row] = "stop"
             elif len(self.generated[row]) >= params.max_tokens:
                 self.finished[row] = "length"
 
-    def stop(self, rows: Iterable[int]) -> None:
-        for row in rows:
-            self.finished[row] = self.finished[row] or "stop"
-
     def completions(self) -> list[Completion]:
         return [
-            Completion(tokens, reason, int(n))
-            for tokens, reason, n in zip(
-                self.generated, self.finished, self.prompt_lens, strict=True
+            Completion(tokens, reason, int(n), self._text(row))
+            for row, (tokens, reason, n) in enumerate(
+                zip(self.generated, self.finished, self.prompt_lens, strict=True)
             )
         ]
+
+    def _text(self, row: int) -> str:
+        stream = self.streams.get(row)
+        if stream is None:
+            return decode(self.vocab_bytes, self.generated[row])
+        return stream.text + stream.finish()  # finish() is empty once a stop string was seen
 
 
 def _bias(allowed: np.ndarray) -> np.ndarray:

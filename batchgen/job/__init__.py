@@ -1,0 +1,1 @@
+"""The batch job: input lines -> requests -> engine -> result lines, resumable, never clobbering."""

@@ -1,0 +1,47 @@
+"""The command line itself: version, help and usage errors answer before anything heavy loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from test_runner import child_env
+
+import batchgen
+
+PROBE = """
+import sys
+from click.testing import CliRunner
+from batchgen.cli import cli
+
+for args in (
+    ["--help"],
+    ["--version"],
+    ["run", "--help"],
+    ["run", "in.jsonl", "out.jsonl", "--resume", "--overwrite"],
+    ["run", "in.jsonl", "out.jsonl", "--seed", "18446744073709551616"],
+    ["run", "in.jsonl", "in.jsonl"],
+    ["run", "missing.jsonl", "out.jsonl"],
+    ["gpt2", "--prompt", "x", "--chat"],
+):
+    result = CliRunner().invoke(cli, args)
+    print(result.exit_code, result.output.splitlines()[-1] if result.output else "")
+print(sorted(m for m in ("torch", "max", "transformers", "numpy") if m in sys.modules))
+"""
+
+
+def test_help_version_and_usage_errors_import_nothing_heavy(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=child_env(),
+        check=True,
+    )
+    *answers, heavy = done.stdout.splitlines()
+    codes = [int(line.split()[0]) for line in answers]
+    assert codes == [0, 0, 0, 2, 2, 2, 1, 2], done.stdout
+    assert answers[1] == f"0 batchgen, version {batchgen.__version__}"
+    assert "cannot read missing.jsonl" in answers[6]
+    assert heavy == "[]"
