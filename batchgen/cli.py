@@ -7,6 +7,7 @@ usage errors answer at once; each command imports what it needs when it runs.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -30,7 +31,11 @@ def main() -> None:
         cli.main(prog_name="batchgen")
     except Interrupted as interrupt:
         click.echo(f"batchgen: interrupted by {interrupt}", err=True)
-        sys.exit(interrupt.exit_code)
+        # Every line written is already flushed. Exit now: a compile may still be running in
+        # the loader thread, and the interpreter's shutdown would wait on it or trip over it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(interrupt.exit_code)
 
 
 def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:

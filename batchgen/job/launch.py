@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -118,17 +119,36 @@ def run_file_job(options: JobOptions) -> dict[str, Any]:
 
 
 def load_engine(model: str, device: str, dtype: str) -> Engine:
-    """The compiled engine, or JobError naming why the model cannot load."""
+    """The compiled engine, or JobError naming why the model cannot load.
+
+    Loading and compiling run in a worker thread while this one waits: a signal handler runs
+    only in the main thread between bytecodes, and a cold compile holds the thread that calls
+    it for a minute or more (MAX lets go of the GIL meanwhile), so Ctrl-C is answered at once.
+    """
     from transformers.utils import logging
 
     from batchgen.engine import Engine, EngineConfig
 
     logging.disable_progress_bar()  # transformers' loading bar would garble the job's stderr
+    loaded: list[Engine] = []
+    failed: list[BaseException] = []
 
-    try:
-        return Engine.from_pretrained(model, EngineConfig(device=device, dtype=dtype))
-    except (OSError, ValueError) as error:
-        raise JobError(f"cannot load model {model!r}: {error}") from error
+    def load() -> None:
+        try:
+            loaded.append(Engine.from_pretrained(model, EngineConfig(device=device, dtype=dtype)))
+        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
+            failed.append(error)
+
+    # A daemon: an interrupted start-up exits without waiting for the compile to end.
+    worker = threading.Thread(target=load, name="batchgen-load", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.1)
+    if failed and isinstance(failed[0], OSError | ValueError):
+        raise JobError(f"cannot load model {model!r}: {failed[0]}") from failed[0]
+    if failed:
+        raise failed[0]
+    return loaded[0]
 
 
 def _open_input(path: Path | None) -> contextlib.AbstractContextManager[IO[bytes]]:
