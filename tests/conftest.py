@@ -22,6 +22,7 @@ from batchgen.engine.weights import load_tokenizer
 from batchgen.testing import write_random_checkpoint
 
 CPU_FP32 = EngineConfig(device="cpu", dtype="float32")
+ON_CPU = ("--device", "cpu")  # the same for `batchgen` commands (cpu is float32)
 
 PROMPTS = [
     "Hello world",

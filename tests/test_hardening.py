@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from conftest import PROMPTS, hf_greedy
+from conftest import ON_CPU, PROMPTS, hf_greedy
 from test_runner import (
-    CPU,
     LAUNCH,
     batchgen,
     child_env,
@@ -238,7 +237,7 @@ def test_ctrl_c_during_a_cold_compile_is_answered_at_once(tmp_path: Path, tiny_d
     out = tmp_path / "out.jsonl"
     cache = tmp_path / "cold-cache"  # an empty MAX cache: the compile starts from nothing
     cache.mkdir()
-    argv = [sys.executable, "-c", LAUNCH, "run", job, out, "--model", tiny_dir, *CPU]
+    argv = [sys.executable, "-c", LAUNCH, "run", job, out, "--model", tiny_dir, *ON_CPU]
     env = child_env() | {"MODULAR_CACHE_DIR": str(cache)}
     process = subprocess.Popen(argv, stderr=subprocess.PIPE, env=env)
     try:
@@ -280,7 +279,18 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path: Path, tiny_dir: Pa
     first = batchgen(job, out, "--model", tiny_dir, "--batch-size", 4, "--resume")
     wait_for_lines(first, out, 4)
     second = subprocess.run(
-        [sys.executable, "-m", "batchgen", "run", job, out, "--model", tiny_dir, "--resume", *CPU],
+        [
+            sys.executable,
+            "-m",
+            "batchgen",
+            "run",
+            job,
+            out,
+            "--model",
+            tiny_dir,
+            "--resume",
+            *ON_CPU,
+        ],
         capture_output=True,
         env=child_env(),
         timeout=60,

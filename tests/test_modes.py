@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import hf_greedy
+from conftest import ON_CPU, hf_greedy
 from test_runner import child_env
 
 from batchgen.engine import Request, SamplingParams, Step
@@ -21,11 +21,9 @@ from batchgen.engine.textstream import token_bytes
 from batchgen.modes.chat import STOP_STRINGS, ReplyStream, Turn, build_prompt
 from batchgen.modes.interactive import parameter_count
 
-CPU = ("--device", "cpu")  # parity with transformers is asserted at float32 on the CPU
-
 
 def gpt2(tiny_dir: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "batchgen", "gpt2", "--model", str(tiny_dir), *CPU, *args]
+    command = [sys.executable, "-m", "batchgen", "gpt2", "--model", str(tiny_dir), *ON_CPU, *args]
     return subprocess.run(
         command, input=stdin, capture_output=True, text=True, env=child_env(), timeout=300
     )
@@ -71,7 +69,7 @@ def test_prompt_loop_reads_until_quit_and_skips_empty_lines(tiny_dir, hf_tiny, t
 
 @pytest.mark.parametrize("ending", ["EOF", "SIGINT"])
 def test_prompt_loop_exits_cleanly_on_eof_and_ctrl_c(tiny_dir, ending):
-    command = [sys.executable, "-m", "batchgen", "gpt2", "--model", str(tiny_dir), *CPU]
+    command = [sys.executable, "-m", "batchgen", "gpt2", "--model", str(tiny_dir), *ON_CPU]
     process = subprocess.Popen(
         command,
         stdin=subprocess.PIPE,
@@ -109,7 +107,16 @@ def read_until(fd: int, marker: bytes, timeout: float = 120) -> bytes:
 
 def test_chat_streams_a_reply_in_a_terminal(tiny_dir):
     primary, secondary = os.openpty()
-    command = [sys.executable, "-m", "batchgen", "gpt2", "--model", str(tiny_dir), *CPU, "--chat"]
+    command = [
+        sys.executable,
+        "-m",
+        "batchgen",
+        "gpt2",
+        "--model",
+        str(tiny_dir),
+        *ON_CPU,
+        "--chat",
+    ]
     command += ["--seed", "1", "--max-new-tokens", "24"]
     env = {**child_env(), "COLUMNS": "80", "LINES": "24", "TERM": "xterm-256color"}
     process = subprocess.Popen(

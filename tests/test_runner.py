@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 from click.testing import CliRunner, Result
-from conftest import PROMPTS, hf_greedy
+from conftest import ON_CPU, PROMPTS, hf_greedy
 from test_inputs import MALFORMED
 
 from batchgen.cli import cli
@@ -29,12 +29,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
-# Parity with transformers is asserted at float32 on the CPU, whatever the machine has.
-CPU = ("--device", "cpu")
-
-
 def run_cli(*args: Any, input: bytes | None = None) -> Result:
-    return CliRunner().invoke(cli, ["run", *map(str, args), *CPU], input=input)
+    return CliRunner().invoke(cli, ["run", *map(str, args), *ON_CPU], input=input)
 
 
 def openai_line(custom_id: str, prompt: str, **body: Any) -> dict[str, Any]:
@@ -219,7 +215,7 @@ LAUNCH = (
 
 
 def batchgen(*args: Any, command: str = "run") -> subprocess.Popen:
-    argv = [sys.executable, "-c", LAUNCH, command, *map(str, args), *CPU]
+    argv = [sys.executable, "-c", LAUNCH, command, *map(str, args), *ON_CPU]
     return subprocess.Popen(argv, stderr=subprocess.PIPE, env=child_env())
 
 
@@ -278,7 +274,18 @@ def test_stdin_to_stdout(tmp_path: Path, tiny_dir: Path):
     for quiet in (False, True):
         flags = ("--quiet",) if quiet else ()
         done = subprocess.run(
-            [sys.executable, "-m", "batchgen", "run", "-", "-", "--model", tiny_dir, *CPU, *flags],
+            [
+                sys.executable,
+                "-m",
+                "batchgen",
+                "run",
+                "-",
+                "-",
+                "--model",
+                tiny_dir,
+                *ON_CPU,
+                *flags,
+            ],
             input=payload,
             capture_output=True,
             env=child_env(),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import ON_CPU, hf_greedy
 from max.driver import accelerator_count
 from transformers import GPT2Config as HFConfig
 
@@ -83,7 +83,7 @@ def test_default_gpt2_resolves_offline_from_a_hub_cache(tiny_dir, hf_tiny, tmp_p
     env.pop("HF_HUB_CACHE", None)
     prompt = "Hello world"
     result = subprocess.run(
-        [sys.executable, "-m", "batchgen", "generate", prompt, "--max-tokens", "8"],
+        [sys.executable, "-m", "batchgen", "generate", prompt, "--max-tokens", "8", *ON_CPU],
         env=env,
         capture_output=True,
         text=True,

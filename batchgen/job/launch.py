@@ -91,7 +91,9 @@ def run_file_job(options: JobOptions) -> dict[str, Any]:
         from batchgen.job.inputs import Defaults, count_lines, read_lines
         from batchgen.job.runner import RunConfig, run_job
 
-        total = None if options.input is None else count_lines(options.input) - len(output.done)
+        total = None  # the bar's total costs a pass over INPUT: only for a bar, only for a file
+        if options.progress and options.input is not None:
+            total = count_lines(options.input) - len(output.done)
         engine = load_engine(options.model, options.device, options.dtype)
         params = SamplingParams(
             max_tokens=options.max_tokens,

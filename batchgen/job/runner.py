@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -48,13 +47,10 @@ def run_job(
     requests = _requests(lines, engine, defaults, output.done, stats)
     setup_s = 0.0  # compiling the sampler mid-run is setup, not generation
     interrupted: str | None = None
-    with SignalGuard() as signals, contextlib.ExitStack() as files:
-        with signals.shielded():
+    with SignalGuard() as signals:
+        with signals.shielded():  # the caller closes the claims
             writer = JobWriter(output.open())
-            files.callback(output.close)
             metrics_writer = JobWriter(metrics.open()) if metrics else None
-            if metrics:
-                files.callback(metrics.close)
         start = time.perf_counter()
         try:
             for work in pack(requests, config.batch_size, config.window):
