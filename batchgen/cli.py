@@ -365,6 +365,9 @@ def bench(model: Path | None, repeats: int, batch_sizes: str) -> None:
 @click.option("--seed", default=0, show_default=True)
 def random_model(path: Path, shape: str, seed: int) -> None:
     """Write a seeded random-weight GPT-2 with the GPT-2 tokenizer to PATH (offline smoke tests)."""
+    from transformers.utils import logging
+
     from batchgen.testing import write_random_checkpoint
 
+    logging.disable_progress_bar()
     click.echo(write_random_checkpoint(path, shape, seed))

@@ -108,6 +108,15 @@ def test_a_new_file_is_created_only_when_opened(tmp_path: Path):
     assert path.read_bytes() == OK
 
 
+def test_a_directory_gone_while_the_model_loaded_is_a_clear_error(tmp_path: Path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    held = claim(folder / "out.jsonl", resume=False, overwrite=False)
+    folder.rmdir()
+    with pytest.raises(ClaimError, match="cannot write .*out.jsonl: No such file or directory"):
+        held.open()
+
+
 def test_a_file_held_by_another_run_is_refused(tmp_path: Path):
     path = write(tmp_path / "out.jsonl", OK)
     holder = subprocess.Popen(

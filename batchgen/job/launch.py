@@ -118,6 +118,10 @@ def run_file_job(options: JobOptions) -> dict[str, Any]:
             )
         except ledger.ClaimError as error:
             raise JobError(str(error)) from None
+        except OSError as error:  # a full disk, say; --resume cuts a line torn by it
+            raise JobError(
+                f"I/O error mid-run: {error}; --resume continues once it is fixed"
+            ) from error
 
 
 def load_engine(model: str, device: str, dtype: str) -> Engine:

@@ -123,24 +123,29 @@ class Claim:
         """Open for appending: cut a torn last line, truncate under --overwrite, or create."""
         if self.path is None:
             return sys.stdout.buffer
-        if self._lock is None:  # the file did not exist when claimed
-            try:
-                self._stream = self.path.open("xb")
-            except FileExistsError:
-                raise ClaimError(f"{self.path} appeared while the model loaded") from None
-            self._lock = self._stream
-            _lock(self._stream, self.path)
-        elif self._scan is not None:
-            self._stream = self.path.open("r+b")
-            if os.fstat(self._stream.fileno()).st_size != self._scan.size:
-                raise ClaimError(f"{self.path} changed while the model loaded")
-            self._stream.truncate(self._scan.whole)
-            self._stream.seek(self._scan.whole)
-            if self._scan.newline_missing:
-                self._stream.write(b"\n")
-        else:
-            self._stream = self.path.open("wb")
+        try:
+            self._stream = self._open_file(self.path)
+        except FileExistsError:
+            raise ClaimError(f"{self.path} appeared while the model loaded") from None
+        except OSError as error:
+            raise ClaimError(f"cannot write {self.path}: {error.strerror}") from None
         return self._stream
+
+    def _open_file(self, path: Path) -> IO[bytes]:
+        if self._lock is None:  # the file did not exist when claimed
+            stream = self._lock = path.open("xb")
+            _lock(stream, path)
+        elif self._scan is not None:
+            stream = path.open("r+b")
+            if os.fstat(stream.fileno()).st_size != self._scan.size:
+                raise ClaimError(f"{path} changed while the model loaded")
+            stream.truncate(self._scan.whole)
+            stream.seek(self._scan.whole)
+            if self._scan.newline_missing:
+                stream.write(b"\n")
+        else:
+            stream = path.open("wb")
+        return stream
 
     def close(self) -> None:
         for stream in {id(s): s for s in (self._stream, self._lock) if s}.values():
@@ -158,12 +163,19 @@ def claim(path: Path | None, *, resume: bool, overwrite: bool, kind: Kind = "out
     if not path.exists():
         if not path.parent.is_dir():
             raise ClaimError(f"{path}: directory {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK):
+            raise ClaimError(f"{path}: directory {path.parent} is not writable")
         return Claim(path, "new", None, None)
     if not (resume or overwrite):
         raise ClaimError(
             f"{path} exists: pass --resume to continue it or --overwrite to replace it"
         )
-    lock = path.open("rb")
+    if not os.access(path, os.W_OK):
+        raise ClaimError(f"{path} is not writable")
+    try:
+        lock = path.open("rb")
+    except OSError as error:
+        raise ClaimError(f"cannot read {path}: {error.strerror}") from None
     try:
         _lock(lock, path)
         scanned = scan(lock, str(path), kind) if resume else None
