@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable
@@ -207,8 +208,6 @@ def run(
 
         click.echo(summary_text(summary, output_path), err=True)
     if summary["interrupted"]:
-        import signal
-
         ctx.exit(128 + signal.Signals[summary["interrupted"]].value)
     if summary["requests_failed"] or summary["requests_failed_earlier"]:
         ctx.exit(EXIT_LINES_FAILED)
