@@ -9,7 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from batchgen.job.ledger import ClaimError, Done, claim, same_file
+from batchgen.job.ledger import ClaimError, Done, Kind, claim, same_file
 
 OK = b'{"id":"a","text":"x","finish_reason":"length"}\n'
 ERR = b'{"id":null,"line":4,"error":{"field":null,"message":"m"}}\n'
@@ -23,9 +23,9 @@ def write(path: Path, *lines: bytes) -> Path:
     return path
 
 
-def resume(path: Path) -> tuple[Done, bytes]:
+def resume(path: Path, kind: Kind = "output") -> tuple[Done, bytes]:
     """Claim and open a file to resume; what it held, and its bytes once opened."""
-    held = claim(path, resume=True, overwrite=False)
+    held = claim(path, resume=True, overwrite=False, kind=kind)
     held.open()
     held.close()
     return held.done, path.read_bytes()
@@ -73,17 +73,10 @@ def test_a_foreign_file_is_refused_untouched(tmp_path: Path):
 
 def test_metrics_files_resume_like_output(tmp_path: Path):
     batch = b'{"type":"batch","index":0}\n'
-    done, data = resume_metrics(write(tmp_path / "m.jsonl", batch, b'{"type":"summ'))
+    _, data = resume(write(tmp_path / "m.jsonl", batch, b'{"type":"summ'), "metrics")
     assert data == batch
     with pytest.raises(ClaimError, match="m.jsonl:1: not a batchgen metrics line"):
         claim(write(tmp_path / "m.jsonl", OK), resume=True, overwrite=False, kind="metrics")
-
-
-def resume_metrics(path: Path) -> tuple[Done, bytes]:
-    held = claim(path, resume=True, overwrite=False, kind="metrics")
-    held.open()
-    held.close()
-    return held.done, path.read_bytes()
 
 
 def test_existing_files_need_resume_or_overwrite_and_overwrite_waits_for_open(tmp_path: Path):
