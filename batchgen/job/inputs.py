@@ -11,9 +11,9 @@ from typing import IO, Any, Literal
 import orjson
 
 from batchgen.engine.sampling import ParamError, SamplingParams, derive_seed
+from batchgen.job.ledger import JsonId
 
 Form = Literal["native", "openai"]
-JsonId = str | int
 
 # Body fields of an OpenAI completions request that batchgen cannot honour unless they hold
 # their default value; anything else unknown is refused rather than silently ignored.

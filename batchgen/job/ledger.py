@@ -111,9 +111,8 @@ def same_file(a: Path, b: Path) -> bool:
 class Claim:
     """A file reserved for this run: checked and locked by `claim`, written after `open`."""
 
-    def __init__(self, path: Path | None, mode: str, scanned: Scan | None, lock: IO[bytes] | None):
+    def __init__(self, path: Path | None, scanned: Scan | None, lock: IO[bytes] | None):
         self.path = path  # None: standard output
-        self.mode = mode  # "new", "resume" or "overwrite"
         self.done = scanned.done if scanned else Done()
         self._scan = scanned
         self._lock = lock
@@ -159,13 +158,13 @@ def claim(path: Path | None, *, resume: bool, overwrite: bool, kind: Kind = "out
     is not batchgen's to resume, or its directory is missing. Nothing is written here.
     """
     if path is None:
-        return Claim(None, "new", None, None)
+        return Claim(None, None, None)
     if not path.exists():
         if not path.parent.is_dir():
             raise ClaimError(f"{path}: directory {path.parent} does not exist")
         if not os.access(path.parent, os.W_OK):
             raise ClaimError(f"{path}: directory {path.parent} is not writable")
-        return Claim(path, "new", None, None)
+        return Claim(path, None, None)
     if not (resume or overwrite):
         raise ClaimError(
             f"{path} exists: pass --resume to continue it or --overwrite to replace it"
@@ -182,7 +181,7 @@ def claim(path: Path | None, *, resume: bool, overwrite: bool, kind: Kind = "out
     except BaseException:
         lock.close()
         raise
-    return Claim(path, "resume" if resume else "overwrite", scanned, lock)
+    return Claim(path, scanned, lock)
 
 
 def _lock(stream: IO[bytes], path: Path) -> None:
