@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from batchgen import __version__
 from batchgen.job.signals import Interrupted, raise_on_signals, restore_default_signals
@@ -23,6 +24,7 @@ from batchgen.job.signals import Interrupted, raise_on_signals, restore_default_
 # Exit codes beyond Click's own (1: a ClickException, 2: a usage error); see the README.
 EXIT_LINES_FAILED = 3
 SEED = click.IntRange(0, 2**64 - 1)
+JSONL_FILE = click.Path(dir_okay=False, allow_dash=True)  # "-": stdin or stdout
 
 
 def main() -> None:
@@ -133,13 +135,23 @@ def cli() -> None:
     """Batch and offline text generation with GPT-2 on Modular MAX."""
 
 
-def _path_or_dash(value: str) -> Path | None:
-    return None if value == "-" else Path(value)
-
-
 @cli.command()
-@click.argument("input_path", metavar="INPUT", type=click.Path(dir_okay=False, allow_dash=True))
-@click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument(
+    "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, allow_dash=True)
+)
+@click.argument(
+    "output_path",
+    metavar="OUTPUT",
+    required=False,
+    type=click.Path(dir_okay=False, allow_dash=True),
+)
+@click.option(
+    "--job",
+    "job_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML job file of these options (keys as long names, - as _, plus input and "
+    "output); a flag given here overrides it.",
+)
 @engine_options
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
@@ -166,51 +178,183 @@ def _path_or_dash(value: str) -> Path | None:
 @click.option(
     "--metrics",
     "metrics_path",
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(dir_okay=False),
     help="Also write per-batch timing and a run summary to this JSONL file.",
 )
 @click.option("--token-ids", is_flag=True, help="Add each completion's token ids to its line.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no summary on stderr.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Check the options, job file, shard and files, print what would run, and exit.",
+)
+@click.option(
+    "--shard",
+    metavar="I/N|auto",
+    help="Run only shard I/N (0-based) of INPUT's lines, split by a hash of each id; "
+    "auto reads a Slurm array's or a Kubernetes Indexed Job's index. OUTPUT may hold "
+    "{shard} and {shards}.",
+)
+@click.option(
+    "--num-shards",
+    type=click.IntRange(min=1),
+    help="Shard count for --shard auto in a Kubernetes Indexed Job (or BATCHGEN_NUM_SHARDS).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process; ray: Ray Data actors, each with its own engine "
+    "(pip install 'batchgen[ray]').",
+)
+@click.option("--ray-address", help="Join this Ray cluster; default: start a local Ray.")
+@click.option(
+    "--actors", type=click.IntRange(min=1), default=1, show_default=True,
+    help="Ray actors, each loading and compiling the model once.",
+)  # fmt: skip
+@click.option(
+    "--gpus-per-actor", type=click.FloatRange(min=0), default=0, show_default=True,
+    help="GPUs each Ray actor reserves.",
+)  # fmt: skip
+@click.option(
+    "--cpus-per-actor",
+    type=click.FloatRange(min=0, min_open=True),
+    help="CPUs each Ray actor reserves; default: 1, or less on a small machine so that "
+    "Ray Data keeps a CPU for its own tasks.",
+)
 @click.pass_context
-def run(
-    ctx: click.Context,
-    input_path: str,
-    output_path: str,
-    metrics_path: Path | None,
-    quiet: bool,
-    **settings: Any,
-) -> None:
+def run(ctx: click.Context, **settings: Any) -> None:
     """Generate a completion for every prompt line of INPUT (JSONL) into OUTPUT (JSONL).
 
     Lines are native ({"prompt": ...}) or OpenAI batch /v1/completions requests; each gets
     one result or error line in OUTPUT as soon as its batch is done. "-" is stdin/stdout.
-    Exit code 0: all lines ok; 1: the job could not start; 2: bad arguments; 3: some lines
-    failed; 130/143: interrupted (--resume goes on).
+    Exit code 0: all lines ok; 1: the job could not start (worth a retry); 2: bad arguments
+    or job file; 3: some lines failed; 130/143: interrupted (--resume goes on).
     """
-    from batchgen.job.launch import JobError, JobOptions, run_file_job, usage_problem
+    from batchgen.job import launch
 
-    options = JobOptions(
-        input=_path_or_dash(input_path),
-        output=_path_or_dash(output_path),
-        metrics=metrics_path,
-        progress=not quiet and sys.stderr.isatty(),
-        **settings,
-    )
-    problem = usage_problem(options)
+    if settings["job_file"] is not None:
+        settings.update(_job_file_settings(ctx, settings["job_file"]))
+    try:
+        options = launch.options_from(settings, os.environ, progress=sys.stderr.isatty())
+    except ValueError as error:
+        raise click.UsageError(str(error)) from None
+    problem = launch.usage_problem(options)
     if problem:
         raise click.UsageError(problem)
     try:
-        summary = run_file_job(options)
-    except JobError as error:
+        if settings["dry_run"]:
+            click.echo(launch.check_file_job(options))
+            return
+        summary = launch.run_file_job(options)
+    except launch.JobError as error:
         raise click.ClickException(str(error)) from None
-    if not quiet:
+    if not options.quiet:
         from batchgen.job.metrics import summary_text
 
-        click.echo(summary_text(summary, output_path), err=True)
+        click.echo(summary_text(summary, str(options.output or "-")), err=True)
     if summary["interrupted"]:
         ctx.exit(128 + signal.Signals[summary["interrupted"]].value)
     if summary["requests_failed"] or summary["requests_failed_earlier"]:
         ctx.exit(EXIT_LINES_FAILED)
+
+
+def _job_file_settings(ctx: click.Context, path: Path) -> dict[str, Any]:
+    """The job file's values for every option not given on the command line (exit 2 if bad)."""
+    from batchgen.job import jobfile
+
+    by_key = {_job_key(p): p for p in ctx.command.params if _job_key(p) not in ("job", "help")}
+    settings: dict[str, Any] = {}
+    try:
+        for key, value in jobfile.read(path).items():
+            param = by_key.get(key)
+            if param is None:
+                known = ", ".join(sorted(by_key))
+                raise jobfile.JobFileError(f"{path}: unknown key '{key}' (known: {known})")
+            if ctx.get_parameter_source(param.name) is ParameterSource.COMMANDLINE:
+                continue
+            value = jobfile.check(path, key, value, _toml_kind(param))
+            value = jobfile.relative_to_file(path, key, value)
+            try:
+                settings[param.name] = param.process_value(ctx, value)
+            except click.BadParameter as error:
+                raise jobfile.JobFileError(f"{path}: key '{key}': {error.message}") from None
+    except jobfile.JobFileError as error:
+        raise click.UsageError(str(error)) from None
+    return settings
+
+
+def _job_key(param: click.Parameter) -> str:
+    """The job-file key of a parameter: its long option name with - as _, or its argument."""
+    if isinstance(param, click.Argument):
+        return param.human_readable_name.lower()
+    long_names = [o for o in param.opts if o.startswith("--")]
+    return long_names[0].removeprefix("--").replace("-", "_")
+
+
+def _toml_kind(param: click.Parameter) -> str:
+    if isinstance(param, click.Option) and param.is_flag:
+        return "bool"
+    if param.multiple:
+        return "strings"
+    if isinstance(param.type, click.types.IntParamType):
+        return "int"
+    if isinstance(param.type, click.types.FloatParamType):
+        return "float"
+    return "str"
+
+
+@cli.command()
+@click.argument(
+    "parts", metavar="PART...", nargs=-1, required=True, type=click.Path(path_type=Path)
+)
+@click.option(
+    "--input",
+    "input_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The INPUT the shards ran: every line of it must be accounted for.",
+)
+@click.option(
+    "-o",
+    "--output",
+    "merged",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The merged file (written whole or not at all).",
+)
+@click.option(
+    "--order",
+    type=click.Choice(["parts", "input"]),
+    default="parts",
+    show_default=True,
+    help="parts: each part's lines in turn; input: INPUT's line order.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing merged file.")
+def merge(
+    parts: tuple[Path, ...], input_path: Path, merged: Path, order: str, overwrite: bool
+) -> None:
+    """Merge shard outputs (PART...) into one file holding every line of INPUT exactly once.
+
+    Exit 1, writing nothing, when a line of INPUT has no result or error line in the parts
+    (the first few are named); duplicates are reported and kept once.
+    """
+    from batchgen.job.merge import MergeError
+    from batchgen.job.merge import merge as merge_parts
+
+    try:
+        report = merge_parts(list(parts), input_path, merged, order, overwrite)
+    except MergeError as error:
+        raise click.ClickException(str(error)) from None
+    for part in report.unmarked:
+        click.echo(f"note: {part} has no completion marker (run without --shard?)", err=True)
+    if report.duplicates:
+        shown = "; ".join(report.duplicates[:5])
+        click.echo(f"{len(report.duplicates)} duplicate lines, kept once: {shown}", err=True)
+    click.echo(
+        f"batchgen merge: {report.lines} lines from {len(parts)} parts into {merged}", err=True
+    )
 
 
 @cli.command("gpt2")
@@ -343,19 +487,33 @@ def generate(
     help="Timed runs per figure.",
 )  # fmt: skip
 @click.option("--batch-sizes", default="1,8,32", show_default=True)
-def bench(model: Path | None, repeats: int, batch_sizes: str) -> None:
+@click.option(
+    "--backends",
+    is_flag=True,
+    help="Instead: one job through `batchgen run` locally and on Ray with --actors, "
+    "end to end, and the writer's cost per line (needs batchgen[ray]).",
+)
+@click.option("--actors", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--lines", type=click.IntRange(min=1), default=128, show_default=True)
+def bench(
+    model: Path | None, repeats: int, batch_sizes: str, backends: bool, actors: int, lines: int
+) -> None:
     """Print engine tokens/s next to Hugging Face generate, measured in the same run."""
     sizes = _batch_sizes(batch_sizes)
     from batchgen.modes import bench as bench_module
+    from batchgen.scale import bench as scale_bench
 
     config = bench_module.BenchConfig(batch_sizes=sizes, repeats=repeats)
-    if model is not None:
-        bench_module.run(model, config, click.echo)
-        return
-    from batchgen.testing import write_random_checkpoint
-
     with tempfile.TemporaryDirectory() as tmp:
-        bench_module.run(write_random_checkpoint(Path(tmp), "124M"), config, click.echo)
+        if model is None:
+            from batchgen.testing import write_random_checkpoint
+
+            model = write_random_checkpoint(Path(tmp), "124M")
+        if backends:
+            scale_config = scale_bench.ScaleBenchConfig(lines=lines, actors=actors)
+            scale_bench.run(model, scale_config, click.echo)
+        else:
+            bench_module.run(model, config, click.echo)
 
 
 @cli.command("random-model")

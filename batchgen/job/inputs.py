@@ -63,6 +63,10 @@ class JobLine:
     params: SamplingParams
     metadata: Any = None
 
+    def error(self, field: str | None, message: str) -> LineError:
+        """This line's error line."""
+        return LineError(self.line, self.id, self.form, field, message)
+
 
 @dataclass(frozen=True)
 class LineError:

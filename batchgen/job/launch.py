@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from batchgen.job import ledger
+from batchgen.job import ledger, shards
+from batchgen.job.shards import Shard
 
 if TYPE_CHECKING:
     from batchgen.engine import Engine
@@ -45,6 +47,39 @@ class JobOptions:
     metrics: Path | None = None
     token_ids: bool = False
     progress: bool = False
+    quiet: bool = False
+    shard: Shard | None = None
+    backend: str = "local"  # or "ray"
+    ray_address: str | None = None
+    actors: int = 1
+    gpus_per_actor: float = 0.0
+    cpus_per_actor: float | None = None  # None: 1, or less where Ray Data needs the room
+
+
+def options_from(settings: dict[str, Any], env: Mapping[str, str], progress: bool) -> JobOptions:
+    """JobOptions from the command's settings; ValueError (a usage error) when they clash."""
+    if settings["input_path"] is None or settings["output_path"] is None:
+        raise ValueError("INPUT and OUTPUT are needed: on the command line or in a --job file")
+    shard = None
+    if settings["shard"] is not None:
+        shard = shards.parse_shard(settings["shard"], env, settings["num_shards"])
+    elif settings["num_shards"] is not None:
+        raise ValueError("--num-shards goes with --shard auto")
+    metrics = Path(settings["metrics_path"]) if settings["metrics_path"] else None
+    named = {
+        "input": _path_or_dash(settings["input_path"]),
+        "output": shards.with_shard(_path_or_dash(settings["output_path"]), shard, "OUTPUT"),
+        "metrics": shards.with_shard(metrics, shard, "--metrics"),
+        "progress": progress and not settings["quiet"],
+        "shard": shard,
+    }
+    known = {f.name for f in fields(JobOptions)}
+    rest = {k: v for k, v in settings.items() if k in known and k not in named}
+    return JobOptions(**named, **rest)
+
+
+def _path_or_dash(value: str) -> Path | None:
+    return None if value == "-" else Path(value)
 
 
 def usage_problem(options: JobOptions) -> str | None:
@@ -55,6 +90,10 @@ def usage_problem(options: JobOptions) -> str | None:
         return "--resume needs an OUTPUT file, not stdout"
     if "" in options.stop:
         return "--stop must not be empty"
+    if options.backend == "local" and (options.ray_address or options.actors != 1):
+        return "--ray-address and --actors go with --backend ray"
+    if options.shard and options.output is None:
+        return "--shard needs an OUTPUT file, not stdout: its completion marker goes beside it"
     named = {"INPUT": options.input, "OUTPUT": options.output}
     for path, name in ((options.output, "OUTPUT"), (options.metrics, "--metrics")):
         for other_name, other in named.items():
@@ -63,9 +102,27 @@ def usage_problem(options: JobOptions) -> str | None:
     return None
 
 
+def check_file_job(options: JobOptions) -> str:
+    """Every check a run makes before loading the model; the resolved options as JSON."""
+    import orjson
+
+    _stale_marker(options)
+    with _open_input(options.input):
+        for path, kind in ((options.output, "output"), (options.metrics, "metrics")):
+            try:
+                ledger.claim(
+                    path, resume=options.resume, overwrite=options.overwrite, kind=kind
+                ).close()
+            except ledger.ClaimError as error:
+                raise JobError(str(error)) from None
+    shown = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "progress"}
+    return orjson.dumps(shown, default=str, option=orjson.OPT_INDENT_2).decode()
+
+
 def run_file_job(options: JobOptions) -> dict[str, Any]:
     """Run the job; return its summary. JobError when it cannot start."""
     opened = _open_input(options.input)
+    marker = _stale_marker(options)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(opened)
         try:
@@ -87,41 +144,79 @@ def run_file_job(options: JobOptions) -> dict[str, Any]:
         # The heavy imports (torch, MAX, transformers) wait until every check has passed.
         from tqdm import tqdm
 
-        from batchgen.engine import SamplingParams
-        from batchgen.job.inputs import Defaults, count_lines, read_lines
-        from batchgen.job.runner import RunConfig, run_job
+        from batchgen.job.inputs import count_lines, read_lines
 
         total = None  # the bar's total costs a pass over INPUT: only for a bar, only for a file
-        if options.progress and options.input is not None:
+        if options.progress and options.input is not None and options.shard is None:
             total = count_lines(options.input) - len(output.done)
-        engine = load_engine(options.model, options.device, options.dtype)
-        params = SamplingParams(
-            max_tokens=options.max_tokens,
-            temperature=options.temperature,
-            top_k=options.top_k,
-            top_p=options.top_p,
-            stop=options.stop,
-        )
-        config = RunConfig(options.batch_size, options.window, options.token_ids, options.model)
         progress = stack.enter_context(
             tqdm(total=total, unit="req", disable=not options.progress, file=sys.stderr)
         )
         try:
-            return run_job(
-                read_lines(source),
-                engine,
-                Defaults(params, options.seed),
-                config,
-                output,
-                metrics,
-                progress,
-            )
+            summary = _run(options, read_lines(source), output, metrics, progress, marker)
         except ledger.ClaimError as error:
             raise JobError(str(error)) from None
         except OSError as error:  # a full disk, say; --resume cuts a line torn by it
             raise JobError(
                 f"I/O error mid-run: {error}; --resume continues once it is fixed"
             ) from error
+    if options.shard and options.output and not summary["interrupted"]:
+        shards.write_marker(options.output, options.shard, summary)
+    return summary
+
+
+def _run(
+    options: JobOptions,
+    lines: Iterator[tuple[int, bytes]],
+    output: ledger.Claim,
+    metrics: ledger.Claim | None,
+    progress: Any,
+    marker: Path | None,
+) -> dict[str, Any]:
+    """Start the backend, then run every line; the shard's old marker goes once it has started."""
+    from batchgen.engine import SamplingParams
+    from batchgen.job.inputs import Defaults
+    from batchgen.job.runner import RunConfig, run_job
+
+    params = SamplingParams(
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        stop=options.stop,
+    )
+    defaults = Defaults(params, options.seed)
+    config = RunConfig(
+        options.batch_size, options.window, options.token_ids, options.model, options.shard
+    )
+    if options.backend == "ray":
+        try:
+            from batchgen.scale.ray_data import RayJobError, run_ray_job
+        except ImportError as error:
+            needs = f"--backend ray needs Ray ({error}): pip install 'batchgen[ray]'"
+            raise JobError(needs) from None
+        try:
+            return run_ray_job(options, lines, defaults, config, output, metrics, progress, marker)
+        except RayJobError as error:
+            raise JobError(str(error)) from None
+    engine = load_engine(options.model, options.device, options.dtype)
+    if marker:
+        marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
+    return run_job(lines, engine, defaults, config, output, metrics, progress)
+
+
+def _stale_marker(options: JobOptions) -> Path | None:
+    """The shard's marker from an earlier run, if any; JobError if that file is not batchgen's."""
+    if options.shard is None or options.output is None:
+        return None
+    marker = shards.marker_path(options.output)
+    if not marker.exists():
+        return None
+    if not shards.is_marker(marker):
+        raise JobError(f"{marker} exists and is not a batchgen shard marker; move it away")
+    if not (options.resume or options.overwrite):  # OUTPUT's own claim refuses with the reason
+        return None
+    return marker
 
 
 def load_engine(model: str, device: str, dtype: str) -> Engine:

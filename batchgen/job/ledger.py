@@ -82,21 +82,32 @@ def _begins_like(raw: bytes, kind: Kind) -> bool:
 
 
 def _account(done: Done, record: Any, name: str, number: int) -> None:
-    if not isinstance(record, dict):
+    key = entry_key(record)
+    if key is None:
         raise ClaimError(f"{name}:{number}: not a batchgen output line")
+    if key[0] == "id":
+        done.ids.add(key[1])
+    elif key[0] == "line":
+        done.error_lines.add(key[1])
+
+
+def entry_key(record: Any) -> tuple[str, JsonId] | None:
+    """What an output line accounts for: ("id", id) for a result, ("line", n) for an error
+    line, ("other", None) for an OpenAI error line without its line number; None if the
+    record is not a batchgen output line."""
+    if not isinstance(record, dict):
+        return None
     if "custom_id" in record:
         status = (record.get("response") or {}).get("status_code")
         line = (record.get("batchgen") or {}).get("line")
         if status == 200:
-            done.ids.add(record["custom_id"])
-        elif isinstance(line, int):
-            done.error_lines.add(line)
-    elif "error" in record and isinstance(record.get("line"), int):
-        done.error_lines.add(record["line"])
-    elif "id" in record and "text" in record:
-        done.ids.add(record["id"])
-    else:
-        raise ClaimError(f"{name}:{number}: not a batchgen output line")
+            return "id", record["custom_id"]
+        return ("line", line) if isinstance(line, int) else ("other", None)
+    if "error" in record and isinstance(record.get("line"), int):
+        return "line", record["line"]
+    if "id" in record and "text" in record:
+        return "id", record["id"]
+    return None
 
 
 def same_file(a: Path, b: Path) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +15,7 @@ from batchgen.job.inputs import Defaults, JobLine, JsonId, LineError, parse_line
 from batchgen.job.ledger import Claim, Done
 from batchgen.job.metrics import BatchStats, RunStats
 from batchgen.job.outputs import JobWriter, Result, error_line, result_line
+from batchgen.job.shards import Shard
 from batchgen.job.signals import Interrupted, SignalGuard
 
 
@@ -26,6 +27,7 @@ class RunConfig:
     window: int = 1024  # requests looked at together when grouping by length
     token_ids: bool = False  # also write each completion's token ids
     model_name: str = "gpt2"
+    shard: Shard | None = None  # run only this shard's lines
 
 
 def run_job(
@@ -44,106 +46,154 @@ def run_job(
     engine failure propagates, also leaving only whole lines.
     """
     stats = RunStats()
-    requests = _requests(lines, engine, defaults, output.done, stats)
+    admit = LineFilter(defaults, output.done, stats, config.shard).admit
+    jobs = (job for number, raw in lines if (job := admit(number, raw)) is not None)
+    requests = map(LineTokenizer(engine).request, jobs)
     setup_s = 0.0  # compiling the sampler mid-run is setup, not generation
     interrupted: str | None = None
     with SignalGuard() as signals:
-        with signals.shielded():  # the caller closes the claims
-            writer = JobWriter(output.open())
-            metrics_writer = JobWriter(metrics.open()) if metrics else None
-        start = time.perf_counter()
+        sink = JobSink(output, metrics, stats, signals, progress)
         try:
             for work in pack(requests, config.batch_size, config.window):
                 signals.check()
                 if isinstance(work, LineError):
-                    stats.failed += 1
-                    with signals.shielded():
-                        writer.write([error_line(work)])
-                    _advance(progress, 1, stats, start)
+                    sink.error(work)
                     continue
                 if any(not item.request.params.greedy for item in work):
                     compile_start = time.perf_counter()
                     engine.compile_sampler()  # a no-op once compiled
                     setup_s += time.perf_counter() - compile_start
-                results, batch = _run_batch(engine, work, len(stats.latencies_ms), signals)
+                results, batch = run_batch(engine, work, len(stats.latencies_ms), signals.check)
                 written = [result_line(r, config.model_name, config.token_ids) for r in results]
-                with signals.shielded():
-                    writer.write([line for line, _ in written])
-                    if metrics_writer:
-                        metrics_writer.write_record({"type": "batch", **batch.record()})
-                stats.add_batch(batch, failed=sum(not ok for _, ok in written))
-                _advance(progress, len(results), stats, start)
+                sink.batch([line for line, _ in written], sum(not ok for _, ok in written), batch)
             signals.check()
         except Interrupted as error:
             interrupted = str(error)
-        run_s = time.perf_counter() - start - setup_s
-        summary = stats.summary(run_s, _setup(engine, config, interrupted))
-        if metrics_writer:
-            with signals.shielded():
-                metrics_writer.write_record(summary)
-    return summary
+        setup = run_setup(config, interrupted, engine.device.label, engine.dtype, engine.timings)
+        return sink.close(setup_s, setup)
 
 
-def _requests(
-    lines: Iterable[tuple[int, bytes]],
-    engine: Engine,
-    defaults: Defaults,
-    done: Done,
-    stats: RunStats,
-) -> Iterator[JobRequest | LineError]:
-    """Parse, deduplicate, skip what OUTPUT already has, tokenize and check each line."""
-    seen: set[JsonId] = set()
-    # No token is longer than the vocabulary's longest, so a prompt of more characters than
-    # this cannot fit; it is refused untokenized (a multi-MB prompt takes seconds to tokenize).
-    max_chars = engine.config.n_positions * max(map(len, engine.vocab_bytes))
-    for number, raw in lines:
-        item = parse_line(number, raw, defaults)
-        first = item.id is None or item.id not in seen
+class JobSink:
+    """Writes a run's lines as they come, each write whole and flushed, and counts them."""
+
+    def __init__(
+        self,
+        output: Claim,
+        metrics: Claim | None,
+        stats: RunStats,
+        signals: SignalGuard,
+        progress: tqdm | None,
+    ):
+        self.stats = stats
+        self.signals = signals
+        self.progress = progress
+        with signals.shielded():  # the caller closes the claims
+            self.writer = JobWriter(output.open())
+            self.metrics = JobWriter(metrics.open()) if metrics else None
+        self.start = time.perf_counter()
+
+    def error(self, error: LineError) -> None:
+        self.error_lines([error_line(error)])
+
+    def error_lines(self, lines: list[bytes]) -> None:
+        self.stats.failed += len(lines)
+        with self.signals.shielded():
+            self.writer.write(lines)
+        self._advance(len(lines))
+
+    def batch(self, lines: list[bytes], failed: int, batch: BatchStats, **extra: Any) -> None:
+        """A decoded batch's lines; `failed` of them are error lines (results unwritable)."""
+        with self.signals.shielded():
+            self.writer.write(lines)
+            if self.metrics:
+                self.metrics.write_record({"type": "batch", **batch.record(), **extra})
+        self.stats.add_batch(batch, failed=failed)
+        self._advance(len(lines))
+
+    def close(self, setup_s: float, setup: dict[str, Any]) -> dict[str, Any]:
+        """The run summary (also the metrics file's last line); `setup_s` is not run time."""
+        run_s = time.perf_counter() - self.start - setup_s
+        summary = self.stats.summary(run_s, setup)
+        if self.metrics:
+            with self.signals.shielded():
+                self.metrics.write_record(summary)
+        return summary
+
+    def _advance(self, n: int) -> None:
+        if self.progress is not None:
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            rate = f"{self.stats.generated_tokens / elapsed:.0f} tok/s"
+            self.progress.set_postfix_str(rate, refresh=False)
+            self.progress.update(n)
+
+
+class LineFilter:
+    """Which lines this run takes: its shard's, less what OUTPUT holds; duplicate ids refused."""
+
+    def __init__(self, defaults: Defaults, done: Done, stats: RunStats, shard: Shard | None):
+        self.defaults = defaults
+        self.done = done
+        self.stats = stats
+        self.shard = shard
+        self.seen: set[JsonId] = set()
+
+    def admit(self, number: int, raw: bytes) -> JobLine | LineError | None:
+        """The parsed line, its error line, or None when this run leaves it alone."""
+        item = parse_line(number, raw, self.defaults)
+        if self.shard is not None and not self.shard.holds(item.id, number):
+            return None
+        first = item.id is None or item.id not in self.seen
         if item.id is not None:
-            seen.add(item.id)
-        if done.covers(number, item.id if first else None):
-            stats.skipped += 1
-            stats.failed_earlier += number in done.error_lines
-            continue
+            self.seen.add(item.id)
+        if self.done.covers(number, item.id if first else None):
+            self.stats.skipped += 1
+            self.stats.failed_earlier += number in self.done.error_lines
+            return None
+        if isinstance(item, JobLine) and not first:
+            return item.error("id", f"duplicate id {item.id!r}: not run again")
+        return item
+
+
+class LineTokenizer:
+    """Lines -> engine requests: tokenized and checked against one engine's model."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        # No token is longer than the vocabulary's longest, so a prompt of more characters
+        # than this cannot fit; it is refused untokenized (a multi-MB prompt takes seconds).
+        self.max_chars = engine.config.n_positions * max(map(len, engine.vocab_bytes))
+
+    def request(self, item: JobLine | LineError) -> JobRequest | LineError:
+        """The line's request, or its error line when the prompt cannot run on this model."""
         if isinstance(item, LineError):
-            yield item
-        elif not first:
-            yield LineError(
-                number, item.id, item.form, "id", f"duplicate id {item.id!r}: not run again"
-            )
+            return item
+        job, engine = item, self.engine
+        context = engine.config.n_positions
+        if isinstance(job.prompt, str):
+            if len(job.prompt) > self.max_chars:
+                message = f"prompt ({len(job.prompt)} characters) exceeds the model's context"
+                return job.error("prompt", f"{message} of {context} tokens")
+            try:
+                ids = engine.tokenizer(job.prompt, verbose=False).input_ids
+            except Exception as error:  # noqa: BLE001 - a prompt the tokenizer rejects is one line's
+                return job.error("prompt", f"cannot be tokenized: {error}")
         else:
-            yield _tokenize(item, engine, max_chars)
-
-
-def _tokenize(job: JobLine, engine: Engine, max_chars: int) -> JobRequest | LineError:
-    """The line's request, or its error line when the prompt cannot run on this model."""
-    context = engine.config.n_positions
-    if isinstance(job.prompt, str):
-        if len(job.prompt) > max_chars:
-            message = f"prompt ({len(job.prompt)} characters) exceeds the model's context"
-            return LineError(job.line, job.id, job.form, "prompt", f"{message} of {context} tokens")
+            ids = job.prompt
+        request = Request(ids, job.params)
         try:
-            ids = engine.tokenizer(job.prompt, verbose=False).input_ids
-        except Exception as error:  # noqa: BLE001 - a prompt the tokenizer rejects is one line's
-            return LineError(job.line, job.id, job.form, "prompt", f"cannot be tokenized: {error}")
-    else:
-        ids = job.prompt
-    request = Request(ids, job.params)
-    try:
-        engine.check(request)
-    except ContextLengthError as error:
-        field = "max_tokens" if len(ids) < context else "prompt"
-        return LineError(job.line, job.id, job.form, field, str(error))
-    except ValueError as error:
-        return LineError(job.line, job.id, job.form, "prompt", str(error))
-    return JobRequest(job, request)
+            engine.check(request)
+        except ContextLengthError as error:
+            return job.error("max_tokens" if len(ids) < context else "prompt", str(error))
+        except ValueError as error:
+            return job.error("prompt", str(error))
+        return JobRequest(job, request)
 
 
-def _run_batch(
-    engine: Engine, batch: list[JobRequest], index: int, signals: SignalGuard
+def run_batch(
+    engine: Engine, batch: list[JobRequest], index: int, check: Callable[[], None] = lambda: None
 ) -> tuple[list[Result], BatchStats]:
-    """Decode one batch; a signal abandons it between steps (none of it is written yet)."""
-    out = engine.generate([item.request for item in batch], lambda _step: signals.check())
+    """Decode one batch; `check` runs between steps (a signal raised there abandons it)."""
+    out = engine.generate([item.request for item in batch], lambda _step: check())
     stats = BatchStats(
         index=index,
         size=len(batch),
@@ -161,21 +211,21 @@ def _run_batch(
     return results, stats
 
 
-def _advance(progress: tqdm | None, n: int, stats: RunStats, start: float) -> None:
-    if progress is not None:
-        elapsed = max(time.perf_counter() - start, 1e-9)
-        progress.set_postfix_str(f"{stats.generated_tokens / elapsed:.0f} tok/s", refresh=False)
-        progress.update(n)
-
-
-def _setup(engine: Engine, config: RunConfig, interrupted: str | None) -> dict[str, Any]:
+def run_setup(
+    config: RunConfig,
+    interrupted: str | None,
+    device: str,
+    dtype: Any,
+    timings: dict[str, float],
+) -> dict[str, Any]:
     """Where the run ran and what it cost before generating; kept apart from throughput."""
     return {
         "model": config.model_name,
-        "device": engine.device.label,
-        "dtype": str(engine.dtype).removeprefix("DType."),
-        "load_s": round(engine.timings.get("load_s", 0.0), 3),
-        "compile_s": round(engine.timings["compile_s"], 3),
-        "sampler_compile_s": round(engine.timings.get("sampler_compile_s", 0.0), 3),
+        "device": device,
+        "dtype": str(dtype).removeprefix("DType."),
+        "load_s": round(timings.get("load_s", 0.0), 3),
+        "compile_s": round(timings.get("compile_s", 0.0), 3),
+        "sampler_compile_s": round(timings.get("sampler_compile_s", 0.0), 3),
+        "shard": str(config.shard) if config.shard else None,
         "interrupted": interrupted,  # the signal's name, or None
     }

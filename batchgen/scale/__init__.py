@@ -1,0 +1,1 @@
+"""Backends beyond one process: Ray Data for clusters."""

@@ -1,0 +1,285 @@
+"""Ray Data backend: a pool of actors, each loading and compiling the engine once in `__init__`,
+maps batches of input lines to output lines; the driver writes them as a local run would.
+
+`generate(ds, config)` is the same thing for Ray users: a Dataset of prompt rows in, a
+Dataset of result rows out. Ray is imported only here (the `batchgen[ray]` extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+# pyarrow's compute kernels crash (SIGSEGV) when first used after MAX has compiled a graph in
+# the same process (MAX 26.7, pyarrow 26); loaded before any compile, they work.
+import pyarrow.compute  # noqa: F401, I001
+import ray
+from ray.data import ActorPoolStrategy
+
+from batchgen.engine.sampling import SamplingParams
+from batchgen.job.batching import pack
+from batchgen.job.inputs import Defaults, JobLine, LineError, parse_line
+from batchgen.job.ledger import Claim
+from batchgen.job.metrics import BatchStats, RunStats
+from batchgen.job.outputs import error_line, result_line
+from batchgen.job.runner import JobSink, LineFilter, LineTokenizer, RunConfig, run_batch, run_setup
+from batchgen.job.signals import Interrupted, SignalGuard
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from ray.data import Dataset
+
+    from batchgen.job.launch import JobOptions
+
+# Lines handed to an actor per call: several engine batches, so it can group them by length.
+BATCHES_PER_CALL = 4
+
+
+class RayJobError(Exception):
+    """Ray cannot run this job (not installed, too few resources, actors failed)."""
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """The model each actor runs, its decoding defaults, and the actor pool."""
+
+    model: str = "gpt2"
+    device: str = "auto"
+    dtype: str = "auto"
+    params: SamplingParams = field(default_factory=SamplingParams)
+    seed: int | None = None  # base seed for rows without their own, as `batchgen run --seed`
+    batch_size: int = 16
+    actors: int = 1
+    cpus_per_actor: float | None = None  # None: 1, or less so that Ray Data keeps a CPU
+    gpus_per_actor: float = 0.0
+    token_ids: bool = False
+
+
+def generate(ds: Dataset, config: RayConfig) -> Dataset:
+    """Prompt rows -> result rows, one for one, over an actor pool.
+
+    A row holds a native line's fields (`id`, `prompt`, and optionally `max_tokens`,
+    `temperature`, `top_k`, `top_p`, `seed`, `stop`, `ignore_eos`, `metadata`; null means
+    not given). A result row holds `id`, `text`, `finish_reason`, `prompt_tokens`,
+    `completion_tokens` and `error` (null, or why the row could not run).
+    """
+    call_size = config.batch_size * BATCHES_PER_CALL
+    return _map(ds, config, ray.cluster_resources(), call_size)
+
+
+def _map(ds: Dataset, config: RayConfig, resources: dict[str, float], call_size: int) -> Dataset:
+    cpus = actor_cpus(config, resources)
+    return ds.map_batches(
+        Generator,
+        fn_constructor_kwargs={"config": config},
+        batch_size=call_size,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=config.actors),
+        num_cpus=cpus,
+        num_gpus=config.gpus_per_actor or None,
+    )
+
+
+def actor_cpus(config: RayConfig, resources: dict[str, float]) -> float:
+    """CPUs per actor that leave one for Ray Data's own read and write tasks; RayJobError if the
+    asked-for pool cannot start at all (Ray would wait for it forever, without an error)."""
+    total_cpus = resources.get("CPU", 0.0)
+    total_gpus = resources.get("GPU", 0.0)
+    if config.gpus_per_actor * config.actors > total_gpus:
+        raise RayJobError(
+            f"{config.actors} actors x {config.gpus_per_actor} GPUs need "
+            f"{config.actors * config.gpus_per_actor:g} GPUs; the Ray cluster has {total_gpus:g}"
+        )
+    spare = total_cpus - 1  # Ray Data's tasks starve, and the job hangs, with none left
+    cpus = config.cpus_per_actor
+    if cpus is None:
+        cpus = min(1.0, spare / config.actors) if spare > 0 else 0.0
+    if cpus <= 0 or cpus * config.actors > spare:
+        raise RayJobError(
+            f"{config.actors} actors x {cpus:g} CPUs leave no CPU of this Ray cluster's "
+            f"{total_cpus:g} for Ray Data's own tasks, and the job would hang: use fewer "
+            "--actors or a smaller --cpus-per-actor (fractions such as 0.5 work)"
+        )
+    return cpus
+
+
+class Generator:
+    """One actor: loads and compiles the engine once, then maps batches of lines or rows."""
+
+    def __init__(self, config: RayConfig):
+        from batchgen.job.launch import load_engine
+
+        self.config = config
+        self.engine = load_engine(config.model, config.device, config.dtype)
+        self.tokenizer = LineTokenizer(self.engine)
+        self.defaults = Defaults(config.params, config.seed)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.batches = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow as pa
+
+        if "raw" in batch.column_names:  # `batchgen run --backend ray`: input lines
+            numbers = batch.column("line").to_pylist()
+            lines = list(zip(numbers, batch.column("raw").to_pylist(), strict=True))
+            return pa.Table.from_pylist(list(self.run_lines(lines)))
+        return pa.Table.from_pylist([_result_row(row) for row in self._rows(batch.to_pylist())])
+
+    def run_lines(self, lines: list[tuple[int, bytes]]) -> Iterator[dict[str, Any]]:
+        """An output row per line: its output line, whether it is a result, its batch's timing."""
+        items = [self.tokenizer.request(parse_line(n, raw, self.defaults)) for n, raw in lines]
+        for work in pack(items, self.config.batch_size, len(items)):
+            if isinstance(work, LineError):
+                yield {"line": work.line, "output": error_line(work), "ok": False, "batch": None}
+                continue
+            if any(not item.request.params.greedy for item in work):
+                self.engine.compile_sampler()
+            results, stats = run_batch(self.engine, work, self.batches)
+            self.batches += 1
+            batch = orjson.dumps({"worker": self.worker, **stats.record()})
+            for result in results:
+                line, ok = result_line(result, self.config.model, self.config.token_ids)
+                yield {"line": result.job.line, "output": line, "ok": ok, "batch": batch}
+
+    def _rows(self, rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        lines = []
+        for number, row in enumerate(rows, start=1):
+            given = {k: v for k, v in row.items() if v is not None}
+            if "id" not in given:  # a Dataset has no line numbers to stand in for ids
+                given["id"] = None
+            lines.append((number, orjson.dumps(given)))
+        yield from self.run_lines(lines)
+
+
+def _result_row(row: dict[str, Any]) -> dict[str, Any]:
+    record = orjson.loads(row["output"])
+    usage = record.get("usage", {})
+    error = record.get("error")
+    return {
+        "id": record.get("id"),
+        "text": record.get("text"),
+        "finish_reason": record.get("finish_reason"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "error": f"{error['field']}: {error['message']}" if error else None,
+    }
+
+
+def run_ray_job(
+    options: JobOptions,
+    lines: Iterator[tuple[int, bytes]],
+    defaults: Defaults,
+    config: RunConfig,
+    output: Claim,
+    metrics: Claim | None,
+    progress: Any,
+    marker: Path | None,
+) -> dict[str, Any]:
+    """`batchgen run --backend ray`: the driver reads, filters and writes; actors generate."""
+    stats = RunStats()
+    admit = LineFilter(defaults, output.done, stats, config.shard).admit
+    errors: list[LineError] = []
+    rows: list[dict[str, Any]] = []
+    for number, raw in lines:
+        item = admit(number, raw)
+        if isinstance(item, LineError):
+            errors.append(item)
+        elif isinstance(item, JobLine):
+            rows.append({"line": number, "raw": raw})
+    ray_config = RayConfig(
+        model=options.model,
+        device=options.device,
+        dtype=options.dtype,
+        params=defaults.params,
+        seed=defaults.seed,
+        batch_size=options.batch_size,
+        actors=options.actors,
+        cpus_per_actor=options.cpus_per_actor,
+        gpus_per_actor=options.gpus_per_actor,
+        token_ids=options.token_ids,
+    )
+    with _ray_session(options.ray_address) as resources:
+        results = None
+        if rows:
+            # Several engine batches per call, but never fewer calls than actors.
+            call_size = min(options.batch_size * BATCHES_PER_CALL, -(-len(rows) // options.actors))
+            blocks = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // call_size))
+            results = _map(blocks, ray_config, resources, call_size)
+        if marker:
+            marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
+        return _write(results, errors, stats, config, output, metrics, progress, options)
+
+
+def _write(
+    results: Dataset | None,
+    errors: list[LineError],
+    stats: RunStats,
+    config: RunConfig,
+    output: Claim,
+    metrics: Claim | None,
+    progress: Any,
+    options: JobOptions,
+) -> dict[str, Any]:
+    interrupted: str | None = None
+    with SignalGuard() as signals:
+        sink = JobSink(output, metrics, stats, signals, progress)
+        try:
+            for error in errors:
+                sink.error(error)
+            batches = results.iter_batches(batch_size=None) if results is not None else ()
+            for batch in batches:
+                signals.check()
+                write_rows(sink, batch)
+            signals.check()
+        except Interrupted as error:
+            interrupted = str(error)
+        device = f"ray ({options.actors} actors, device {options.device})"
+        setup = run_setup(config, interrupted, device, options.dtype, {})
+        return sink.close(0.0, setup)
+
+
+def write_rows(sink: JobSink, batch: dict[str, Any]) -> None:
+    """The actors' rows of one block, written per engine batch (a metrics line each)."""
+    by_batch: dict[bytes | None, list[int]] = {}
+    for i, key in enumerate(batch["batch"]):
+        by_batch.setdefault(key, []).append(i)
+    for key, rows in by_batch.items():
+        lines = [bytes(batch["output"][i]) for i in rows]
+        if key is None:  # error lines the actors wrote (a prompt too long, say)
+            sink.error_lines(lines)
+            continue
+        record = orjson.loads(key)
+        worker = record.pop("worker")
+        del record["tokens_per_s"]
+        stats = BatchStats(**record)
+        failed = sum(not batch["ok"][i] for i in rows)
+        sink.batch(lines, failed, stats, worker=worker)
+
+
+@contextlib.contextmanager
+def _ray_session(address: str | None) -> Iterator[dict[str, float]]:
+    """Ray for one job, joined at `address` or started locally, and its resources."""
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
+    try:
+        context = ray.data.DataContext.get_current()
+        context.max_errored_blocks = 0  # a failed block fails the job, never drops lines
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        try:
+            yield ray.cluster_resources()
+        except ray.exceptions.RayError as error:
+            raise RayJobError(f"Ray failed: {error}") from error
+    finally:
+        ray.shutdown()

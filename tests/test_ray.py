@@ -1,0 +1,186 @@
+"""The Ray Data backend: the same records as a local run, crash-retried actors, a 2-node cluster.
+
+Marked `ray` (deselected by default: each test starts Ray, tens of seconds): `pytest -m ray`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from conftest import ON_CPU, PROMPTS
+from test_runner import child_env, openai_line, read_jsonl, write_jsonl
+from test_scale_out import invoke
+
+pytestmark = pytest.mark.ray
+ray = pytest.importorskip("ray")
+# Imported at collection, before any engine compiles in this process (see its imports).
+ray_data = pytest.importorskip("batchgen.scale.ray_data")
+
+
+def job_lines() -> list[Any]:
+    """Greedy lines of both forms, plus lines the driver refuses and one an actor refuses."""
+    lines: list[Any] = [
+        {"id": f"n{i}", "prompt": PROMPTS[i % len(PROMPTS)] * (1 + i % 2), "max_tokens": 4 + i % 5}
+        for i in range(18)
+    ]
+    lines += [openai_line(f"o{i}", PROMPTS[i], max_tokens=6) for i in range(3)]
+    lines += [
+        {"id": "bad", "prompt": 5},  # refused by the driver, as it parses
+        {"id": "n1", "prompt": "a duplicate id"},
+        {"id": "long", "prompt": list(range(60)), "max_tokens": 5000},  # past the context
+        "not an object",
+    ]
+    return lines
+
+
+def comparable(path: Path) -> dict[Any, Any]:
+    """Every line keyed by what it accounts for, timing and OpenAI's random ids left out."""
+    out = {}
+    for record in read_jsonl(path):
+        if "custom_id" in record:
+            body = dict(record["response"]["body"])
+            for name in ("id", "created"):
+                body.pop(name, None)
+            extra = {k: v for k, v in record["batchgen"].items() if k != "batch"}
+            out[record["custom_id"]] = (record["response"]["status_code"], body, extra)
+        elif "error" in record:
+            out[("line", record["line"])] = record
+        else:
+            out[record["id"]] = {k: v for k, v in record.items() if k != "batch"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory, tiny_dir: Path) -> tuple[Path, dict]:
+    """The job's input, and what the local backend writes for it."""
+    folder = tmp_path_factory.mktemp("ray-job")
+    input_path = write_jsonl(folder / "in.jsonl", job_lines())
+    local = folder / "local.jsonl"
+    result = invoke("run", input_path, local, "--model", tiny_dir, *ON_CPU, "--token-ids")
+    assert result.exit_code == 3, result.output  # the four refused lines
+    return input_path, comparable(local)
+
+
+def test_two_local_actors_write_the_local_backend_s_records(
+    job: tuple[Path, dict], tiny_dir: Path, tmp_path: Path
+):
+    input_path, expected = job
+    out = tmp_path / "ray.jsonl"
+    metrics = tmp_path / "metrics.jsonl"
+    result = invoke(
+        "run", input_path, out, "--model", tiny_dir, *ON_CPU, "--token-ids", "--backend", "ray",
+        "--actors", "2", "--batch-size", "4", "--metrics", metrics,
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert comparable(out) == expected
+    assert len(read_jsonl(out)) == len(job_lines())
+    batches = [r for r in read_jsonl(metrics) if r["type"] == "batch"]
+    assert 1 <= len({b["worker"] for b in batches}) <= 2  # whichever actor was free
+    summary = read_jsonl(metrics)[-1]
+    assert summary["requests_ok"] == len(job_lines()) - 4 and summary["requests_failed"] == 4
+    # Resume: nothing left to do, nothing rewritten.
+    again = invoke("run", input_path, out, "--model", tiny_dir, *ON_CPU, "--backend", "ray",
+                   "--resume")  # fmt: skip
+    assert again.exit_code == 3 and f"{len(job_lines())} skipped" in again.output
+    assert len(read_jsonl(out)) == len(job_lines())
+
+
+def test_too_many_actors_for_the_cpus_fail_fast_with_a_message(tmp_path: Path, tiny_dir: Path):
+    input_path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    start = time.monotonic()
+    result = invoke(
+        "run", input_path, tmp_path / "out.jsonl", "--model", tiny_dir, "--backend", "ray",
+        "--actors", "2", "--cpus-per-actor", str(os.cpu_count()),
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "leave no CPU" in result.output and "would hang" in result.output
+    assert time.monotonic() - start < 60
+
+
+def map_workers() -> list[psutil.Process]:
+    workers = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any("MapWorker" in part for part in process.info["cmdline"] or ()):
+            workers.append(process)
+    return workers
+
+
+def test_a_killed_actor_is_retried_and_every_id_is_written_once(tmp_path: Path, tiny_dir: Path):
+    lines = [{"id": i, "prompt": PROMPTS[i % 6], "max_tokens": 24} for i in range(160)]
+    input_path = write_jsonl(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "out.jsonl"
+    argv = [sys.executable, "-m", "batchgen", "run", input_path, out, "--model", tiny_dir,
+            *ON_CPU, "--backend", "ray", "--actors", "2", "--batch-size", "4"]  # fmt: skip
+    process = subprocess.Popen(list(map(str, argv)), stderr=subprocess.PIPE, env=child_env())
+    deadline = time.monotonic() + 240
+    while not (out.exists() and out.read_bytes().count(b"\n") >= 16):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.2)
+    victims = map_workers()
+    assert len(victims) == 2, victims
+    victims[0].send_signal(signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr.decode()
+    ids = [record["id"] for record in read_jsonl(out)]
+    assert sorted(ids) == list(range(160))  # every id, exactly once
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    two_nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    two_nodes.add_node(num_cpus=2)
+    two_nodes.wait_for_nodes()
+    yield two_nodes
+    two_nodes.shutdown()
+
+
+def test_a_two_node_cluster_writes_the_same_records(
+    cluster: Any, job: tuple[Path, dict], tiny_dir: Path, tmp_path: Path
+):
+    input_path, expected = job
+    out = tmp_path / "cluster.jsonl"
+    result = invoke(
+        "run", input_path, out, "--model", tiny_dir, *ON_CPU, "--token-ids", "--backend", "ray",
+        "--ray-address", cluster.address, "--actors", "2", "--batch-size", "4",
+    )  # fmt: skip
+    assert result.exit_code == 3, result.output
+    assert comparable(out) == expected
+
+
+def test_the_python_api_maps_a_dataset_of_prompt_rows(
+    cluster: Any, job: tuple[Path, dict], tiny_dir: Path
+):
+    _, expected = job
+    rows: list[dict[str, Any]] = [
+        {name: line[name] for name in ("id", "prompt", "max_tokens")} for line in job_lines()[:8]
+    ]
+    rows += [{"id": "bad", "prompt": None}, {"prompt": "a row without an id"}]
+    config = ray_data.RayConfig(model=str(tiny_dir), device="cpu", actors=2, batch_size=3)
+    ray.init(address=cluster.address)
+    try:
+        results = ray_data.generate(ray.data.from_items(rows), config).take_all()
+    finally:
+        ray.shutdown()
+    by_id = {r["id"]: r for r in results}
+    assert len(results) == len(by_id) == len(rows)
+    for row in rows[:8]:
+        local = expected[row["id"]]
+        got = by_id[row["id"]]
+        assert (got["text"], got["finish_reason"], got["error"]) == (
+            local["text"],
+            local["finish_reason"],
+            None,
+        )
+        assert got["completion_tokens"] == local["usage"]["completion_tokens"]
+    assert by_id["bad"]["error"] == "prompt: field 'prompt' is missing"
+    assert by_id[None]["error"].startswith("id:")
