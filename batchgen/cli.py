@@ -136,15 +136,8 @@ def cli() -> None:
 
 
 @cli.command()
-@click.argument(
-    "input_path", metavar="INPUT", required=False, type=click.Path(dir_okay=False, allow_dash=True)
-)
-@click.argument(
-    "output_path",
-    metavar="OUTPUT",
-    required=False,
-    type=click.Path(dir_okay=False, allow_dash=True),
-)
+@click.argument("input_path", metavar="INPUT", required=False, type=JSONL_FILE)
+@click.argument("output_path", metavar="OUTPUT", required=False, type=JSONL_FILE)
 @click.option(
     "--job",
     "job_file",
@@ -173,16 +166,17 @@ def cli() -> None:
     "its id, so reruns and resumes reproduce it.",
 )
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not part of the text.")
-@click.option("--resume", is_flag=True, help="Continue OUTPUT: skip lines it already holds.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing OUTPUT.")
+# --no-X turns off what a job file turned on.
+@click.option("--resume/--no-resume", help="Continue OUTPUT: skip lines it already holds.")
+@click.option("--overwrite/--no-overwrite", help="Replace an existing OUTPUT.")
 @click.option(
     "--metrics",
     "metrics_path",
     type=click.Path(dir_okay=False),
     help="Also write per-batch timing and a run summary to this JSONL file.",
 )
-@click.option("--token-ids", is_flag=True, help="Add each completion's token ids to its line.")
-@click.option("--quiet", is_flag=True, help="No progress bar and no summary on stderr.")
+@click.option("--token-ids/--no-token-ids", help="Add each completion's token ids to its line.")
+@click.option("--quiet/--no-quiet", help="No progress bar and no summary on stderr.")
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -493,8 +487,14 @@ def generate(
     help="Instead: one job through `batchgen run` locally and on Ray with --actors, "
     "end to end, and the writer's cost per line (needs batchgen[ray]).",
 )
-@click.option("--actors", type=click.IntRange(min=1), default=2, show_default=True)
-@click.option("--lines", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option(
+    "--actors", type=click.IntRange(min=1), default=2, show_default=True,
+    help="Ray actors, with --backends.",
+)  # fmt: skip
+@click.option(
+    "--lines", type=click.IntRange(min=1), default=128, show_default=True,
+    help="Lines in the job, with --backends.",
+)  # fmt: skip
 def bench(
     model: Path | None, repeats: int, batch_sizes: str, backends: bool, actors: int, lines: int
 ) -> None:

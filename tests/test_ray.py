@@ -93,7 +93,9 @@ def test_two_local_actors_write_the_local_backend_s_records(
     assert len(read_jsonl(out)) == len(job_lines())
 
 
-def test_too_many_actors_for_the_cpus_fail_fast_with_a_message(tmp_path: Path, tiny_dir: Path):
+def test_a_pool_or_cluster_that_cannot_be_had_fails_fast_with_a_message(
+    tmp_path: Path, tiny_dir: Path
+):
     input_path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
     start = time.monotonic()
     result = invoke(
@@ -102,7 +104,13 @@ def test_too_many_actors_for_the_cpus_fail_fast_with_a_message(tmp_path: Path, t
     )  # fmt: skip
     assert result.exit_code == 1
     assert "leave no CPU" in result.output and "would hang" in result.output
+    nobody = invoke(
+        "run", input_path, tmp_path / "out.jsonl", "--model", tiny_dir, "--backend", "ray",
+        "--ray-address", "127.0.0.1:1",
+    )  # fmt: skip
+    assert nobody.exit_code == 1 and "cannot reach the Ray cluster" in nobody.output
     assert time.monotonic() - start < 60
+    assert not (tmp_path / "out.jsonl").exists()
 
 
 def map_workers() -> list[psutil.Process]:

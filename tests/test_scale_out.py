@@ -81,8 +81,16 @@ def test_a_job_file_runs_with_paths_relative_to_it_and_flags_override_it(
     assert overridden["batch_size"] == 2 and overridden["stop"] == ["zzz"]
     assert overridden["output"] == str(jobs / "out.jsonl")
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x"}])
-    positional = dry_run("--job", job, "a.jsonl", "b.jsonl")
+    positional = dry_run("--job", job, "a.jsonl", "b.jsonl", "--no-quiet")
     assert (positional["input"], positional["output"]) == ("a.jsonl", "b.jsonl")
+    assert positional["quiet"] is False  # a job file's true flag turned off
+
+
+def test_ray_options_need_the_ray_backend(tmp_path: Path):
+    input_path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
+    for option in (("--actors", "2"), ("--ray-address", "auto"), ("--cpus-per-actor", "1")):
+        result = invoke("run", input_path, tmp_path / "out.jsonl", *option)
+        assert result.exit_code == 2 and "go with --backend ray" in result.output
 
 
 @pytest.mark.parametrize(

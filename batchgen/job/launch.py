@@ -90,8 +90,16 @@ def usage_problem(options: JobOptions) -> str | None:
         return "--resume needs an OUTPUT file, not stdout"
     if "" in options.stop:
         return "--stop must not be empty"
-    if options.backend == "local" and (options.ray_address or options.actors != 1):
-        return "--ray-address and --actors go with --backend ray"
+    ray_only = (
+        options.ray_address,
+        options.actors != 1,
+        options.gpus_per_actor,
+        options.cpus_per_actor,
+    )
+    if options.backend == "local" and any(ray_only):
+        return (
+            "--ray-address, --actors, --gpus-per-actor and --cpus-per-actor go with --backend ray"
+        )
     if options.shard and options.output is None:
         return "--shard needs an OUTPUT file, not stdout: its completion marker goes beside it"
     named = {"INPUT": options.input, "OUTPUT": options.output}
@@ -214,8 +222,6 @@ def _stale_marker(options: JobOptions) -> Path | None:
         return None
     if not shards.is_marker(marker):
         raise JobError(f"{marker} exists and is not a batchgen shard marker; move it away")
-    if not (options.resume or options.overwrite):  # OUTPUT's own claim refuses with the reason
-        return None
     return marker
 
 

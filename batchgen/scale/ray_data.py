@@ -264,15 +264,31 @@ def write_rows(sink: JobSink, batch: dict[str, Any]) -> None:
         sink.batch(lines, failed, stats, worker=worker)
 
 
+def _check_reachable(address: str | None) -> None:
+    """Fail at once on a HOST:PORT nobody answers at; Ray itself retries for minutes."""
+    host, colon, port = (address or "").rpartition(":")
+    if not (colon and host and port.isdigit()) or "://" in address:
+        return  # a local Ray, "auto", or a ray:// client address: Ray's own checks apply
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as error:
+        raise RayJobError(f"cannot reach the Ray cluster at {address}: {error}") from None
+
+
 @contextlib.contextmanager
 def _ray_session(address: str | None) -> Iterator[dict[str, float]]:
     """Ray for one job, joined at `address` or started locally, and its resources."""
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
+    _check_reachable(address)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    except Exception as error:  # noqa: BLE001 - whatever Ray raises, the job cannot start
+        where = f"join Ray at {address}" if address else "start a local Ray"
+        raise RayJobError(f"cannot {where}: {error}") from error
     try:
         context = ray.data.DataContext.get_current()
         context.max_errored_blocks = 0  # a failed block fails the job, never drops lines
