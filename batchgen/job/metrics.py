@@ -89,9 +89,7 @@ def summary_text(summary: dict[str, Any], output_name: str) -> str:
         )
     lines = [
         head,
-        f"  {summary['model']} on {summary['device']} {summary['dtype']}: "
-        f"load {summary['load_s']:.2f} s, compile {summary['compile_s']:.2f} s, "
-        f"sampler compile {summary['sampler_compile_s']:.2f} s",
+        f"  {summary['model']} on {summary['device']} {summary['dtype']}: {_setup_text(summary)}",
         f"  {summary['generated_tokens']} tokens in {summary['batches']} batches, "
         f"{summary['run_s']:.2f} s: {summary['requests_per_s']} requests/s, "
         f"{summary['generated_tokens_per_s']} tokens/s",
@@ -103,3 +101,12 @@ def summary_text(summary: dict[str, Any], output_name: str) -> str:
     if summary["interrupted"]:
         lines.append(f"  interrupted by {summary['interrupted']}: rerun with --resume to finish")
     return "\n".join(lines)
+
+
+def _setup_text(summary: dict[str, Any]) -> str:
+    if summary["compile_s"] is None:
+        return "each actor loaded and compiled the model (inside the run time below)"
+    return (
+        f"load {summary['load_s']:.2f} s, compile {summary['compile_s']:.2f} s, "
+        f"sampler compile {summary['sampler_compile_s']:.2f} s"
+    )

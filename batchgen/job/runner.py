@@ -216,16 +216,23 @@ def run_setup(
     interrupted: str | None,
     device: str,
     dtype: Any,
-    timings: dict[str, float],
+    timings: dict[str, float] | None,
 ) -> dict[str, Any]:
-    """Where the run ran and what it cost before generating; kept apart from throughput."""
+    """Where the run ran and what it cost before generating; kept apart from throughput.
+
+    `timings` is None where the engines load elsewhere (Ray actors): their setup is in run_s.
+    """
+
+    def seconds(name: str) -> float | None:
+        return None if timings is None else round(timings.get(name, 0.0), 3)
+
     return {
         "model": config.model_name,
         "device": device,
         "dtype": str(dtype).removeprefix("DType."),
-        "load_s": round(timings.get("load_s", 0.0), 3),
-        "compile_s": round(timings.get("compile_s", 0.0), 3),
-        "sampler_compile_s": round(timings.get("sampler_compile_s", 0.0), 3),
+        "load_s": seconds("load_s"),
+        "compile_s": seconds("compile_s"),
+        "sampler_compile_s": seconds("sampler_compile_s"),
         "shard": str(config.shard) if config.shard else None,
         "interrupted": interrupted,  # the signal's name, or None
     }

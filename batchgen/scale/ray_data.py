@@ -242,7 +242,7 @@ def _write(
         except Interrupted as error:
             interrupted = str(error)
         device = f"ray ({options.actors} actors, device {options.device})"
-        setup = run_setup(config, interrupted, device, options.dtype, {})
+        setup = run_setup(config, interrupted, device, options.dtype, None)
         return sink.close(0.0, setup)
 
 
