@@ -258,7 +258,8 @@ def _job_file_settings(ctx: click.Context, path: Path) -> dict[str, Any]:
     """The job file's values for every option not given on the command line (exit 2 if bad)."""
     from batchgen.job import jobfile
 
-    by_key = {_job_key(p): p for p in ctx.command.params if _job_key(p) not in ("job", "help")}
+    not_keys = ("job", "dry_run", "help")  # what a run is, not what is run
+    by_key = {_job_key(p): p for p in ctx.command.params if _job_key(p) not in not_keys}
     settings: dict[str, Any] = {}
     try:
         for key, value in jobfile.read(path).items():

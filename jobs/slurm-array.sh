@@ -1,9 +1,11 @@
 #!/bin/bash
 # A Slurm array: 4 tasks, each one shard of jobs/sharded.toml's INPUT.
 #   sbatch jobs/slurm-array.sh                      (from the repository root)
-#   sbatch --dependency=afterok:<array job id> --wrap \
+#   sbatch --dependency=afterany:<array job id> --wrap \
 #     "batchgen merge jobs/sharded-out-*-of-4.jsonl --input jobs/examples/prompts.jsonl -o merged.jsonl"
-# --shard auto reads SLURM_ARRAY_TASK_ID/MIN/COUNT (a stepped or sparse array is refused).
+# (afterany, not afterok: a shard that exits 3 is complete; merge checks completeness itself.)
+# --shard auto with --num-shards takes SLURM_ARRAY_TASK_ID as the shard number, so one task
+# can be resubmitted alone (sbatch --array=2 jobs/slurm-array.sh); keep --array=0-(N-1).
 # --resume makes a requeued or resubmitted task finish its shard instead of starting over.
 # Exit codes: 1 (the model could not load, a node problem) is worth a retry; 2 (bad job
 # file or options) and 3 (some lines got error lines) are not.
@@ -15,4 +17,4 @@
 #SBATCH --requeue
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
-batchgen run --job jobs/sharded.toml --shard auto --resume
+batchgen run --job jobs/sharded.toml --shard auto --num-shards 4 --resume

@@ -112,6 +112,17 @@ def test_a_pool_or_cluster_that_cannot_be_had_fails_fast_with_a_message(
     assert nobody.exit_code == 1 and "cannot reach the Ray cluster" in nobody.output
     assert time.monotonic() - start < 60
     assert not (tmp_path / "out.jsonl").exists()
+    # An actor that cannot load the model ends the job before OUTPUT is touched.
+    kept = b'{"id":1,"text":"an earlier run\'s line"}\n'
+    (tmp_path / "out.jsonl").write_bytes(kept)
+    unloadable = invoke(
+        "run", input_path, tmp_path / "out.jsonl", "--model", tmp_path / "missing", *ON_CPU,
+        "--backend", "ray", "--overwrite",
+    )  # fmt: skip
+    assert unloadable.exit_code == 1, unloadable.output
+    (error,) = [line for line in unloadable.output.splitlines() if line.startswith("Error: ")]
+    assert "cannot load model" in error
+    assert (tmp_path / "out.jsonl").read_bytes() == kept  # --overwrite had not begun
 
 
 def map_workers() -> list[psutil.Process]:

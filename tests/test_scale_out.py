@@ -106,15 +106,19 @@ def test_ray_options_need_the_ray_backend(tmp_path: Path):
         ("[run]\nmodel = 'gpt2'", "[run] is a table"),
         ("model = ", "not valid TOML"),
         ('job = "other.toml"', "unknown key 'job'"),
+        ("dry_run = true", "unknown key 'dry_run'"),
     ],
 )
 def test_a_bad_job_file_is_refused_before_anything_runs(tmp_path: Path, text: str, named: str):
+    """Also: a job file that is not UTF-8 (below)."""
     input_path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
     job = write_job(tmp_path / "job.toml", f'input = "in.jsonl"\noutput = "out.jsonl"\n{text}\n')
     result = invoke("run", "--job", job)
     assert result.exit_code == 2, result.output
     assert named in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "job.toml"]
+    job.write_bytes(b'input = "\xff"\n')
+    assert "not valid TOML" in invoke("run", "--job", job).output
     assert input_path.read_bytes() == b'{"prompt":"x"}\n'
 
 
@@ -146,6 +150,11 @@ def test_shard_auto_reads_slurm_arrays_and_indexed_jobs():
         "SLURM_ARRAY_TASK_STEP": "1",
     }
     assert parse_shard("auto", slurm, None) == Shard(2, 4)
+    # With the count given, the task id is the shard: one task resubmitted alone (--array=2).
+    alone = {"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_MIN": "2", "SLURM_ARRAY_TASK_MAX": "2"}
+    alone["SLURM_ARRAY_TASK_COUNT"] = "1"
+    assert parse_shard("auto", alone, 4) == Shard(2, 4)
+    assert parse_shard("auto", alone | {"BATCHGEN_NUM_SHARDS": "4"}, None) == Shard(2, 4)
     assert parse_shard("1/3", {}, None) == Shard(1, 3)
     assert parse_shard("auto", {"JOB_COMPLETION_INDEX": "3"}, 4) == Shard(3, 4)
     indexed = {"JOB_COMPLETION_INDEX": "0", "BATCHGEN_NUM_SHARDS": "2"}
@@ -177,6 +186,10 @@ def test_shard_auto_on_the_command_line(tmp_path: Path):
     assert result.exit_code == 2 and "JOB_COMPLETION_INDEX" in result.output
     unsharded = invoke("run", tmp_path / "in.jsonl", tmp_path / "out-{shard}.jsonl")
     assert unsharded.exit_code == 2 and "holds {shard}" in unsharded.output
+    fixed = ("run", tmp_path / "in.jsonl", tmp_path / "out.jsonl", "--shard", "1/2")
+    assert "goes with --shard auto" in invoke(*fixed, "--num-shards", "2").output
+    clash = invoke(*fixed, "--metrics", tmp_path / "out.jsonl.done.json")
+    assert clash.exit_code == 2 and "shard marker" in clash.output
 
 
 def test_shards_run_disjoint_and_merge_restores_every_line_once(tmp_path: Path, tiny_dir: Path):
@@ -252,6 +265,11 @@ def test_merge_refuses_missing_lines_and_reports_duplicates(tmp_path: Path, tiny
 
     again = invoke("merge", *parts, "--input", input_path, "-o", merged)
     assert again.exit_code == 1 and "exists" in again.output
+    nowhere = invoke("merge", *parts, "--input", input_path, "-o", tmp_path / "no" / "m.jsonl")
+    assert nowhere.exit_code == 1 and "cannot write" in nowhere.output
+    foreign = write_jsonl(tmp_path / "foreign.jsonl", [{"custom_id": "a", "response": [1]}])
+    odd = invoke("merge", foreign, "--input", input_path, "-o", tmp_path / "m3.jsonl")
+    assert odd.exit_code == 1 and "not a batchgen output line" in odd.output
     other_input = write_jsonl(tmp_path / "other.jsonl", records(40)[:30])
     stray = invoke("merge", *parts, "--input", other_input, "-o", tmp_path / "m2.jsonl")
     assert stray.exit_code == 1 and "match no line" in stray.output
@@ -319,6 +337,7 @@ def test_the_slurm_array_script_parses_and_dry_runs_every_task(jobs_copy: Path):
     assert directives["array"] == "0-3"
     (command,) = [line for line in script.splitlines() if line.startswith("batchgen ")]
     argv = batchgen_argv(command)
+    assert argv[argv.index("--num-shards") + 1] == "4"  # the array's size
     outputs = set()
     for task in range(4):
         env = {
@@ -361,20 +380,22 @@ def test_the_systemd_units_parse_and_the_service_dry_runs(
     timer = configparser.ConfigParser(interpolation=None)
     timer.read(JOBS / "batchgen-nightly.timer")
     assert timer["Timer"]["OnCalendar"] and timer["Install"]["WantedBy"] == "timers.target"
-    assert service["Service"]["Type"] == "oneshot"
-    assert service["Service"]["RestartPreventExitStatus"] == "2"
-    argv = batchgen_argv(service["Service"]["ExecStart"])
-    argv_here = [a.replace("jobs/", f"{jobs_copy}/", 1) for a in argv]
-    assert dry_run(*argv_here[1:])["output"] == str(jobs_copy / "nightly-out.jsonl")
-    cron = next(
-        line for line in (JOBS / "batchgen-nightly.service").read_text().splitlines()
-        if "* * *" in line
-    )  # fmt: skip
-    monkeypatch.chdir(jobs_copy.parent)
+    unit = service["Service"]
+    assert unit["Type"] == "oneshot" and unit["RestartPreventExitStatus"] == "2"
+    assert unit["ExecStartPre"] == "/bin/mkdir -p out"
+    monkeypatch.chdir(jobs_copy.parent)  # the unit's WorkingDirectory, as far as paths go
     (jobs_copy.parent / "out").mkdir()
-    words = batchgen_argv(cron.split("&&", 1)[1].replace("\\%", "%").replace("$(date +%F)", "d"))
-    words_here = [w.replace("jobs/", f"{jobs_copy}/", 1) for w in words]
-    assert dry_run(*words_here[1:])["output"] == "out/d.jsonl"
+    shell, flag, command = shlex.split(unit["ExecStart"])
+    assert (shell, flag) == ("/bin/sh", "-c")
+    comments = (JOBS / "batchgen-nightly.service").read_text().splitlines()
+    cron = next(line.split("&&", 1)[1] for line in comments if "* * *" in line)
+    # systemd writes % as %%, cron as \%; both name tonight's file after the date.
+    for line in (command.replace("%%", "%"), cron.replace("\\%", "%")):
+        words = batchgen_argv(line.replace("$(date +%F)", "2026-11-25"))
+        words_here = [w.replace("jobs/", f"{jobs_copy}/", 1) for w in words]
+        plan = dry_run(*words_here[1:])
+        assert plan["output"] == "out/2026-11-25.jsonl" and plan["resume"]
+        assert plan["input"] == str(jobs_copy / "examples" / "prompts.jsonl")
 
 
 # --- a real Slurm array (opt-in) -------------------------------------------------------------

@@ -10,6 +10,15 @@ import pytest
 from batchgen.job.signals import Interrupted, SignalGuard
 
 
+@pytest.fixture(autouse=True)
+def sigint_handled():
+    """Python's own SIGINT handler, even where pytest runs as a background job of a
+    non-interactive shell (SIGINT ignored there, which the guard rightly leaves alone)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def send(signum: int) -> None:
     os.kill(os.getpid(), signum)  # Python runs the handler before the next bytecode
 

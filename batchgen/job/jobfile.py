@@ -32,7 +32,7 @@ def read(path: Path) -> dict[str, Any]:
             table = tomllib.load(stream)
     except OSError as error:
         raise JobFileError(f"cannot read job file {path}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise JobFileError(f"{path}: not valid TOML: {error}") from None
     for key, value in table.items():
         if isinstance(value, dict):

@@ -61,10 +61,10 @@ def options_from(settings: dict[str, Any], env: Mapping[str, str], progress: boo
     if settings["input_path"] is None or settings["output_path"] is None:
         raise ValueError("INPUT and OUTPUT are needed: on the command line or in a --job file")
     shard = None
+    if settings["num_shards"] is not None and settings["shard"] != "auto":
+        raise ValueError("--num-shards goes with --shard auto")
     if settings["shard"] is not None:
         shard = shards.parse_shard(settings["shard"], env, settings["num_shards"])
-    elif settings["num_shards"] is not None:
-        raise ValueError("--num-shards goes with --shard auto")
     metrics = Path(settings["metrics_path"]) if settings["metrics_path"] else None
     named = {
         "input": _path_or_dash(settings["input_path"]),
@@ -102,6 +102,9 @@ def usage_problem(options: JobOptions) -> str | None:
         )
     if options.shard and options.output is None:
         return "--shard needs an OUTPUT file, not stdout: its completion marker goes beside it"
+    marker = shards.marker_path(options.output) if options.shard and options.output else None
+    if marker and options.metrics and ledger.same_file(options.metrics, marker):
+        return f"--metrics {options.metrics} is OUTPUT's shard marker"
     named = {"INPUT": options.input, "OUTPUT": options.output}
     for path, name in ((options.output, "OUTPUT"), (options.metrics, "--metrics")):
         for other_name, other in named.items():
@@ -115,6 +118,12 @@ def check_file_job(options: JobOptions) -> str:
     import orjson
 
     _stale_marker(options)
+    if options.backend == "ray":
+        ray_data = _ray_module()
+        try:
+            ray_data.check_reachable(options.ray_address)
+        except ray_data.RayJobError as error:
+            raise JobError(str(error)) from None
     with _open_input(options.input):
         for path, kind in ((options.output, "output"), (options.metrics, "metrics")):
             try:
@@ -169,7 +178,10 @@ def run_file_job(options: JobOptions) -> dict[str, Any]:
                 f"I/O error mid-run: {error}; --resume continues once it is fixed"
             ) from error
     if options.shard and options.output and not summary["interrupted"]:
-        shards.write_marker(options.output, options.shard, summary)
+        try:
+            shards.write_marker(options.output, options.shard, summary)
+        except OSError as error:
+            raise JobError(f"OUTPUT is complete, but its shard marker: {error}") from error
     return summary
 
 
@@ -198,19 +210,27 @@ def _run(
         options.batch_size, options.window, options.token_ids, options.model, options.shard
     )
     if options.backend == "ray":
+        ray_data = _ray_module()
         try:
-            from batchgen.scale.ray_data import RayJobError, run_ray_job
-        except ImportError as error:
-            needs = f"--backend ray needs Ray ({error}): pip install 'batchgen[ray]'"
-            raise JobError(needs) from None
-        try:
-            return run_ray_job(options, lines, defaults, config, output, metrics, progress, marker)
-        except RayJobError as error:
+            return ray_data.run_ray_job(
+                options, lines, defaults, config, output, metrics, progress, marker
+            )
+        except ray_data.RayJobError as error:
             raise JobError(str(error)) from None
     engine = load_engine(options.model, options.device, options.dtype)
     if marker:
         marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
     return run_job(lines, engine, defaults, config, output, metrics, progress)
+
+
+def _ray_module() -> Any:
+    """batchgen.scale.ray_data, or JobError saying how to install Ray."""
+    try:
+        from batchgen.scale import ray_data
+    except ImportError as error:
+        needs = f"--backend ray needs Ray ({error}): pip install 'batchgen[ray]'"
+        raise JobError(needs) from None
+    return ray_data
 
 
 def _stale_marker(options: JobOptions) -> Path | None:

@@ -98,16 +98,22 @@ def entry_key(record: Any) -> tuple[str, JsonId] | None:
     if not isinstance(record, dict):
         return None
     if "custom_id" in record:
-        status = (record.get("response") or {}).get("status_code")
-        line = (record.get("batchgen") or {}).get("line")
-        if status == 200:
-            return "id", record["custom_id"]
+        response, extra = record.get("response") or {}, record.get("batchgen") or {}
+        if not (isinstance(response, dict) and isinstance(extra, dict)):
+            return None
+        line = extra.get("line")
+        if response.get("status_code") == 200:
+            return ("id", record["custom_id"]) if _is_id(record["custom_id"]) else None
         return ("line", line) if isinstance(line, int) else ("other", None)
     if "error" in record and isinstance(record.get("line"), int):
         return "line", record["line"]
     if "id" in record and "text" in record:
-        return "id", record["id"]
+        return ("id", record["id"]) if _is_id(record["id"]) else None
     return None
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def same_file(a: Path, b: Path) -> bool:

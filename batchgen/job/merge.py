@@ -158,6 +158,8 @@ def _write(parts: list[Path], chosen: list[Entry], merged: Path) -> None:
                 line = source.read(entry.length)
                 out.write(line if line.endswith(b"\n") else line + b"\n")
         os.replace(temporary, merged)
+    except OSError as error:  # a missing directory, a full disk: nothing is left behind
+        raise MergeError(f"cannot write {merged}: {error}") from None
     finally:
         for stream in streams:
             stream.close()

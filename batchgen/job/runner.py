@@ -83,14 +83,16 @@ class JobSink:
         stats: RunStats,
         signals: SignalGuard,
         progress: tqdm | None,
+        start: float | None = None,
     ):
+        """`start`: when the run's clock started (default: now, once OUTPUT is open)."""
         self.stats = stats
         self.signals = signals
         self.progress = progress
         with signals.shielded():  # the caller closes the claims
             self.writer = JobWriter(output.open())
             self.metrics = JobWriter(metrics.open()) if metrics else None
-        self.start = time.perf_counter()
+        self.start = time.perf_counter() if start is None else start
 
     def error(self, error: LineError) -> None:
         self.error_lines([error_line(error)])

@@ -60,12 +60,14 @@ def parse_shard(text: str, env: Mapping[str, str], num_shards: int | None) -> Sh
 
 def scheduler_shard(env: Mapping[str, str], num_shards: int | None) -> Shard:
     """The shard from a Slurm array's or an Indexed Job's variables; ShardError if neither."""
+    count = num_shards
+    if count is None and "BATCHGEN_NUM_SHARDS" in env:
+        count = _integer(env, "BATCHGEN_NUM_SHARDS")
     if "SLURM_ARRAY_TASK_ID" in env:
+        if count is not None:  # task ids are shard numbers: one task can be resubmitted alone
+            return _checked(_integer(env, "SLURM_ARRAY_TASK_ID"), count, "SLURM_ARRAY_TASK_ID")
         return _slurm_shard(env)
     if "JOB_COMPLETION_INDEX" in env:
-        count = num_shards
-        if count is None and "BATCHGEN_NUM_SHARDS" in env:
-            count = _integer(env, "BATCHGEN_NUM_SHARDS")
         if count is None:
             raise ShardError(
                 "--shard auto in a Kubernetes Indexed Job needs the shard count: pass "
@@ -87,8 +89,8 @@ def _slurm_shard(env: Mapping[str, str]) -> Shard:
     # A stepped (0-6:2) or sparse (0,3,7) array leaves holes: some shard would never run.
     if step != 1 or high - low + 1 != count:
         raise ShardError(
-            f"--shard auto needs a contiguous Slurm array (--array=0-{count - 1}); this one "
-            f"runs {count} tasks over {low}-{high} with step {step}"
+            f"--shard auto needs a contiguous Slurm array (--array=0-{count - 1}), or "
+            f"--num-shards N; this one runs {count} tasks over {low}-{high} with step {step}"
         )
     return _checked(task - low, count, "SLURM_ARRAY_TASK_ID")
 

@@ -8,9 +8,11 @@ Dataset of result rows out. Ray is imported only here (the `batchgen[ray]` extra
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 
 # Lines handed to an actor per call: several engine batches, so it can group them by length.
 BATCHES_PER_CALL = 4
+MAX_TASK_RETRIES = 3
 
 
 class RayJobError(Exception):
@@ -85,6 +88,9 @@ def _map(ds: Dataset, config: RayConfig, resources: dict[str, float], call_size:
         compute=ActorPoolStrategy(size=config.actors),
         num_cpus=cpus,
         num_gpus=config.gpus_per_actor or None,
+        # A crashed actor's batch is retried, but not forever: a line that kills every actor
+        # it meets would otherwise hang the job.
+        max_task_retries=MAX_TASK_RETRIES,
     )
 
 
@@ -160,16 +166,28 @@ class Generator:
 
 
 def _result_row(row: dict[str, Any]) -> dict[str, Any]:
+    """An output record as columns, whichever form (native or OpenAI batch) the row took."""
     record = orjson.loads(row["output"])
-    usage = record.get("usage", {})
-    error = record.get("error")
+    if "custom_id" in record:
+        body = record["response"]["body"]
+        error = body.get("error")
+        choice = body["choices"][0] if "choices" in body else {}
+        usage = body.get("usage", {})
+        message = f"{error['param']}: {error['message']}" if error else None
+        line_id = record["custom_id"]
+    else:
+        error = record.get("error")
+        choice = record
+        usage = record.get("usage", {})
+        message = f"{error['field']}: {error['message']}" if error else None
+        line_id = record.get("id")
     return {
-        "id": record.get("id"),
-        "text": record.get("text"),
-        "finish_reason": record.get("finish_reason"),
+        "id": line_id,
+        "text": choice.get("text"),
+        "finish_reason": choice.get("finish_reason"),
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
-        "error": f"{error['field']}: {error['message']}" if error else None,
+        "error": message,
     }
 
 
@@ -207,19 +225,25 @@ def run_ray_job(
         token_ids=options.token_ids,
     )
     with _ray_session(options.ray_address) as resources:
-        results = None
+        start = time.perf_counter()
+        blocks: Iterator[dict[str, Any]] = iter(())
         if rows:
             # Several engine batches per call, but never fewer calls than actors.
             call_size = min(options.batch_size * BATCHES_PER_CALL, -(-len(rows) // options.actors))
-            blocks = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // call_size))
-            results = _map(blocks, ray_config, resources, call_size)
+            items = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // call_size))
+            mapped = _map(items, ray_config, resources, call_size)
+            results = iter(mapped.iter_batches(batch_size=None))
+            # Nothing is written before an actor has loaded the model and sent a block back: a
+            # model that cannot load leaves OUTPUT as it was, as on the local backend.
+            first = next(results, None)
+            blocks = itertools.chain([first] if first is not None else [], results)
         if marker:
             marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
-        return _write(results, errors, stats, config, output, metrics, progress, options)
+        return _write(blocks, errors, stats, config, output, metrics, progress, options, start)
 
 
 def _write(
-    results: Dataset | None,
+    blocks: Iterator[dict[str, Any]],
     errors: list[LineError],
     stats: RunStats,
     config: RunConfig,
@@ -227,17 +251,17 @@ def _write(
     metrics: Claim | None,
     progress: Any,
     options: JobOptions,
+    start: float,
 ) -> dict[str, Any]:
     interrupted: str | None = None
     with SignalGuard() as signals:
-        sink = JobSink(output, metrics, stats, signals, progress)
+        sink = JobSink(output, metrics, stats, signals, progress, start)
         try:
             for error in errors:
                 sink.error(error)
-            batches = results.iter_batches(batch_size=None) if results is not None else ()
-            for batch in batches:
+            for block in blocks:
                 signals.check()
-                write_rows(sink, batch)
+                write_rows(sink, block)
             signals.check()
         except Interrupted as error:
             interrupted = str(error)
@@ -264,7 +288,7 @@ def write_rows(sink: JobSink, batch: dict[str, Any]) -> None:
         sink.batch(lines, failed, stats, worker=worker)
 
 
-def _check_reachable(address: str | None) -> None:
+def check_reachable(address: str | None) -> None:
     """Fail at once on a HOST:PORT nobody answers at; Ray itself retries for minutes."""
     host, colon, port = (address or "").rpartition(":")
     if not (colon and host and port.isdigit()) or "://" in address:
@@ -278,7 +302,7 @@ def _check_reachable(address: str | None) -> None:
 @contextlib.contextmanager
 def _ray_session(address: str | None) -> Iterator[dict[str, float]]:
     """Ray for one job, joined at `address` or started locally, and its resources."""
-    _check_reachable(address)
+    check_reachable(address)
     try:
         ray.init(
             address=address,
@@ -296,6 +320,8 @@ def _ray_session(address: str | None) -> Iterator[dict[str, float]]:
         try:
             yield ray.cluster_resources()
         except ray.exceptions.RayError as error:
-            raise RayJobError(f"Ray failed: {error}") from error
+            # Ray's message carries the remote traceback; its last line names the cause.
+            cause = str(error).strip().splitlines()[-1]
+            raise RayJobError(f"Ray failed: {cause}") from error
     finally:
         ray.shutdown()
