@@ -71,8 +71,9 @@ def generate(ds: Dataset, config: RayConfig) -> Dataset:
 
     A row holds a native line's fields (`id`, `prompt`, and optionally `max_tokens`,
     `temperature`, `top_k`, `top_p`, `seed`, `stop`, `ignore_eos`, `metadata`; null means
-    not given). A result row holds `id`, `text`, `finish_reason`, `prompt_tokens`,
-    `completion_tokens` and `error` (null, or why the row could not run).
+    not given) or an OpenAI batch line's (`custom_id`, `body`, ...). A result row holds `id`,
+    `text`, `finish_reason`, `prompt_tokens`, `completion_tokens` and `error` (null, or why
+    the row could not run).
     """
     call_size = config.batch_size * BATCHES_PER_CALL
     return _map(ds, config, ray.cluster_resources(), call_size)
