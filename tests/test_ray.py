@@ -185,6 +185,7 @@ def test_the_python_api_maps_a_dataset_of_prompt_rows(
         {name: line[name] for name in ("id", "prompt", "max_tokens")} for line in job_lines()[:8]
     ]
     rows += [{"id": "bad", "prompt": None}, {"prompt": "a row without an id"}]
+    rows.append(job_lines()[18])  # an OpenAI batch line, "o0"
     config = ray_data.RayConfig(model=str(tiny_dir), device="cpu", actors=2, batch_size=3)
     ray.init(address=cluster.address)
     try:
@@ -193,6 +194,9 @@ def test_the_python_api_maps_a_dataset_of_prompt_rows(
         ray.shutdown()
     by_id = {r["id"]: r for r in results}
     assert len(results) == len(by_id) == len(rows)
+    status, body, _ = expected["o0"]
+    assert (status, by_id["o0"]["text"]) == (200, body["choices"][0]["text"])
+    assert by_id["o0"]["completion_tokens"] == body["usage"]["completion_tokens"]
     for row in rows[:8]:
         local = expected[row["id"]]
         got = by_id[row["id"]]
