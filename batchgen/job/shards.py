@@ -154,6 +154,9 @@ def write_marker(output: Path, shard: Shard, summary: dict[str, Any]) -> Path:
         },
     }
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2) + b"\n")
-    os.replace(temporary, path)
+    try:
+        temporary.write_bytes(orjson.dumps(record, option=orjson.OPT_INDENT_2) + b"\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)  # only left there if the write failed
     return path
