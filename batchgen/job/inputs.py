@@ -11,7 +11,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from batchgen.engine.sampling import ParamError, SamplingParams, derive_seed
-from batchgen.job.ledger import JsonId
+from batchgen.job.ledger import JsonId, is_id
 
 Form = Literal["native", "openai"]
 
@@ -125,7 +125,7 @@ def _id_of(record: dict[str, Any], form: Form, number: int) -> JsonId | None:
     """The line's id if it is usable, for error lines too."""
     key = "custom_id" if form == "openai" else "id"
     value = record.get(key, None if form == "openai" else number)
-    return value if _is_id(value) else None
+    return value if is_id(value) else None
 
 
 def _parse_native(number: int, record: dict[str, Any], defaults: Defaults) -> JobLine:
@@ -137,7 +137,7 @@ def _parse_native(number: int, record: dict[str, Any], defaults: Defaults) -> Jo
             "put your own data under 'metadata')",
         )
     line_id = record.get("id", number)
-    if not _is_id(line_id):
+    if not is_id(line_id):
         raise FieldError("id", "must be a string or an integer")
     metadata = record.get("metadata")
     try:
@@ -249,7 +249,3 @@ def _cut(text: str, limit: int = 60) -> str:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, str) or _is_int(value)

@@ -119,11 +119,7 @@ def check_file_job(options: JobOptions) -> str:
 
     _stale_marker(options)
     if options.backend == "ray":
-        ray_data = _ray_module()
-        try:
-            ray_data.check_reachable(options.ray_address)
-        except ray_data.RayJobError as error:
-            raise JobError(str(error)) from None
+        _ray_module().check_reachable(options.ray_address)
     with _open_input(options.input):
         for path, kind in ((options.output, "output"), (options.metrics, "metrics")):
             try:
@@ -211,12 +207,9 @@ def _run(
     )
     if options.backend == "ray":
         ray_data = _ray_module()
-        try:
-            return ray_data.run_ray_job(
-                options, lines, defaults, config, output, metrics, progress, marker
-            )
-        except ray_data.RayJobError as error:
-            raise JobError(str(error)) from None
+        return ray_data.run_ray_job(
+            options, lines, defaults, config, output, metrics, progress, marker
+        )
     engine = load_engine(options.model, options.device, options.dtype)
     if marker:
         marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete

@@ -103,16 +103,17 @@ def entry_key(record: Any) -> tuple[str, JsonId] | None:
             return None
         line = extra.get("line")
         if response.get("status_code") == 200:
-            return ("id", record["custom_id"]) if _is_id(record["custom_id"]) else None
+            return ("id", record["custom_id"]) if is_id(record["custom_id"]) else None
         return ("line", line) if isinstance(line, int) else ("other", None)
     if "error" in record and isinstance(record.get("line"), int):
         return "line", record["line"]
     if "id" in record and "text" in record:
-        return ("id", record["id"]) if _is_id(record["id"]) else None
+        return ("id", record["id"]) if is_id(record["id"]) else None
     return None
 
 
-def _is_id(value: Any) -> bool:
+def is_id(value: Any) -> bool:
+    """A usable line id: a string or an integer (not a bool)."""
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 

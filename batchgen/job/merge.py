@@ -73,12 +73,15 @@ def merge(
     return MergeReport(len(chosen), index.duplicates, unmarked)
 
 
-def _index_part(part: Path, number: int, index: PartIndex) -> None:
+def _open(path: Path, name: str) -> IO[bytes]:
     try:
-        stream = part.open("rb")
+        return path.open("rb")
     except OSError as error:
-        raise MergeError(f"cannot read part {part}: {error.strerror}") from None
-    with stream:
+        raise MergeError(f"cannot read {name} {path}: {error.strerror}") from None
+
+
+def _index_part(part: Path, number: int, index: PartIndex) -> None:
+    with _open(part, "part") as stream:
         for offset, raw in _lines_with_offsets(stream):
             try:
                 key = ledger.entry_key(orjson.loads(raw))
@@ -111,11 +114,7 @@ def _choose(input_path: Path, index: PartIndex) -> list[Entry]:
     chosen: list[Entry] = []
     missing: list[str] = []
     seen: set[JsonId] = set()
-    try:
-        stream = input_path.open("rb")
-    except OSError as error:
-        raise MergeError(f"cannot read --input {input_path}: {error.strerror}") from None
-    with stream:
+    with _open(input_path, "--input") as stream:
         for number, raw in read_lines(stream):
             line_id = parse_line(number, raw, Defaults()).id  # only the id is used
             first = line_id is not None and line_id not in seen

@@ -29,6 +29,7 @@ from ray.data import ActorPoolStrategy
 from batchgen.engine.sampling import SamplingParams
 from batchgen.job.batching import pack
 from batchgen.job.inputs import Defaults, JobLine, LineError, parse_line
+from batchgen.job.launch import JobError, load_engine
 from batchgen.job.ledger import Claim
 from batchgen.job.metrics import BatchStats, RunStats
 from batchgen.job.outputs import error_line, result_line
@@ -46,8 +47,8 @@ BATCHES_PER_CALL = 4
 MAX_TASK_RETRIES = 3
 
 
-class RayJobError(Exception):
-    """Ray cannot run this job (not installed, too few resources, actors failed)."""
+class RayJobError(JobError):
+    """Ray cannot run this job (too few resources, no cluster, actors failed): exit 1."""
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,6 @@ class Generator:
     """One actor: loads and compiles the engine once, then maps batches of lines or rows."""
 
     def __init__(self, config: RayConfig):
-        from batchgen.job.launch import load_engine
-
         self.config = config
         self.engine = load_engine(config.model, config.device, config.dtype)
         self.tokenizer = LineTokenizer(self.engine)
