@@ -1,3 +1,3 @@
 """batchgen: batch and offline text generation with GPT-2 on Modular MAX."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -70,6 +70,20 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="auto is bfloat16 on GPU, float32 on CPU.",
         ),
+        click.option(
+            "--kv-cache",
+            type=click.Choice(["auto", "slots", "paged"]),
+            default="auto",
+            show_default=True,
+            help="slots: batchgen's Mojo attention over a slot per row (CPU, auto there); "
+            "paged: MAX's paged kernels (auto on GPU).",
+        ),
+        click.option(
+            "--kv-cache-gb",
+            type=click.FloatRange(min=0, min_open=True),
+            help="KV cache memory; default: up to 4 GB (a quarter of free memory at most) on "
+            "CPU, half of the free memory on GPU.",
+        ),
     ]
     return _with_options(command, options)
 
@@ -120,11 +134,15 @@ def _with_options(
     return command
 
 
-def _load_engine(model: str, device: str, dtype: str) -> Any:
+def _load_engine(
+    model: str, device: str, dtype: str, kv_cache: str, kv_cache_gb: float | None
+) -> Any:
+    from batchgen.engine import EngineConfig
     from batchgen.job.launch import JobError, load_engine
 
     try:
-        return load_engine(model, device, dtype)
+        config = EngineConfig(device, dtype, kv_cache, kv_cache_gb)  # type: ignore[arg-type]
+        return load_engine(model, config)
     except JobError as error:
         raise click.ClickException(str(error)) from None
 
@@ -147,15 +165,30 @@ def cli() -> None:
 )
 @engine_options
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
-    help="Requests per batch.",
+    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+    help="Rows the engine runs at once, at most.",
 )  # fmt: skip
+@click.option(
+    "--schedule",
+    type=click.Choice(["continuous", "static"]),
+    default="continuous",
+    show_default=True,
+    help="continuous: a finished row's place is refilled at once; static: a batch at a "
+    "time, each waiting for its slowest row.",
+)
+@click.option(
+    "--step-tokens",
+    type=click.IntRange(min=1),
+    default=512,
+    show_default=True,
+    help="Prompt tokens prefilled per step beside the decoding rows; longer prompts go in chunks.",
+)
 @click.option(
     "--window",
     type=click.IntRange(min=1),
     default=1024,
     show_default=True,
-    help="Requests read ahead and sorted by length before batching; wider pads less.",
+    help="With --schedule static: requests read ahead and sorted by length before batches are cut.",
 )
 @sampling_options
 @click.option(
@@ -380,6 +413,8 @@ def gpt2(
     model: str,
     device: str,
     dtype: str,
+    kv_cache: str,
+    kv_cache_gb: float | None,
     prompt: str | None,
     chat: bool,
     benchmark: bool,
@@ -397,7 +432,7 @@ def gpt2(
     from batchgen.modes import interactive
 
     click.echo(f"Loading {model} ...")
-    engine = _load_engine(model, device, dtype)
+    engine = _load_engine(model, device, dtype, kv_cache, kv_cache_gb)
     restore_default_signals()  # from here Ctrl-C leaves the loop or the chat as it always has
     for line in interactive.banner(engine, model):
         click.echo(line)
@@ -444,6 +479,8 @@ def generate(
     model: str,
     device: str,
     dtype: str,
+    kv_cache: str,
+    kv_cache_gb: float | None,
     max_tokens: int,
     temperature: float,
     top_k: int,
@@ -456,17 +493,18 @@ def generate(
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )
-    engine = _load_engine(model, device, dtype)
+    engine = _load_engine(model, device, dtype, kv_cache, kv_cache_gb)
     try:
         out = engine.generate([Request(engine.tokenizer(prompt).input_ids, params)])
     except ValueError as error:  # context too long, empty prompt
         raise click.ClickException(str(error)) from error
     completion = out.completions[0]
+    timing = completion.timing
     click.echo(prompt + completion.text)
     click.echo(
         f"[{completion.completion_tokens} tokens, finish {completion.finish_reason}, "
-        f"prefill {1e3 * out.prefill_s:.0f} ms, decode {1e3 * out.decode_s:.0f} ms, "
-        f"{engine.device.label} {engine.dtype}]",
+        f"prefill {timing.prefill_ms:.0f} ms, decode {timing.decode_ms:.0f} ms, "
+        f"{engine.device.label} {engine.dtype}, {engine.cache.kind} KV cache]",
         err=True,
     )
 

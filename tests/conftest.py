@@ -1,9 +1,11 @@
 """Shared fixtures: seeded random checkpoints, their HF reference models, compiled engines.
 
 Compiling a graph costs seconds warm and a minute or more cold, so every engine here is
-session-scoped: one compile per checkpoint shape for the whole test run. Parity with
-transformers is asserted at float32 on the CPU, whatever the machine has; tests that need a
-GPU are marked `gpu` and skipped where MAX sees none.
+session-scoped: one compile per checkpoint shape and KV cache for the whole test run. The
+`engine` fixture is both caches in turn (`slots`, batchgen's Mojo kernel; `paged`, MAX's), so
+every test that takes it holds on both. Parity with transformers is asserted at float32 on
+the CPU, whatever the machine has; tests that need a GPU are marked `gpu` and skipped where
+MAX sees none.
 """
 
 from __future__ import annotations
@@ -14,15 +16,38 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from max.driver import CPU, accelerator_count
+from max.driver import accelerator_count
 from transformers import GPT2LMHeadModel
 
-from batchgen.engine import Engine, EngineConfig, Request, SamplingParams, Step
+from batchgen.engine import (
+    Engine,
+    EngineConfig,
+    Request,
+    SamplingParams,
+    SchedulerConfig,
+    Step,
+)
 from batchgen.engine.weights import load_tokenizer
 from batchgen.testing import write_random_checkpoint
 
-CPU_FP32 = EngineConfig(device="cpu", dtype="float32")
+KV_CACHES = ("slots", "paged")
 ON_CPU = ("--device", "cpu")  # the same for `batchgen` commands (cpu is float32)
+
+
+def cpu_config(
+    kv_cache: str = "slots", kv_cache_gb: float = 0.25, **scheduler: object
+) -> EngineConfig:
+    """float32 on the CPU with a small KV cache; `scheduler` overrides SchedulerConfig."""
+    return EngineConfig(
+        device="cpu",
+        dtype="float32",
+        kv_cache=kv_cache,  # type: ignore[arg-type]
+        kv_cache_gb=kv_cache_gb,
+        scheduler=SchedulerConfig(**scheduler),  # type: ignore[arg-type]
+    )
+
+
+CPU_FP32 = cpu_config()
 
 PROMPTS = [
     "Hello world",
@@ -54,9 +79,9 @@ def hf_tiny(tiny_dir: Path) -> GPT2LMHeadModel:
     return GPT2LMHeadModel.from_pretrained(tiny_dir, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="session")
-def engine(tiny_dir: Path) -> Engine:
-    return Engine.from_pretrained(tiny_dir, CPU_FP32)
+@pytest.fixture(scope="session", params=KV_CACHES)
+def engine(request: pytest.FixtureRequest, tiny_dir: Path) -> Engine:
+    return Engine.from_pretrained(tiny_dir, cpu_config(request.param))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -68,10 +93,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def next_token_logits(engine: Engine, prompts: Sequence[Sequence[int]]) -> np.ndarray:
-    """Float32 logits [len(prompts), vocab] for the token after each prompt (one prefill)."""
-    steps: list[Step] = []
-    engine.generate([Request(p, SamplingParams(max_tokens=1)) for p in prompts], steps.append)
-    return steps[0].logits.to(CPU()).to_numpy()
+    """Float32 logits [len(prompts), vocab] for the token after each prompt."""
+    first: dict[int, np.ndarray] = {}
+
+    def record(step: Step) -> None:
+        for i, row in enumerate(step.rows):
+            first.setdefault(row, step.logits[i])
+
+    engine.generate([Request(p, SamplingParams(max_tokens=1)) for p in prompts], record)
+    return np.stack([first[row] for row in range(len(prompts))])
 
 
 def hf_greedy(model: GPT2LMHeadModel, ids: list[int], max_new_tokens: int) -> list[int]:

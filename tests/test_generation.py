@@ -9,13 +9,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import CPU_FP32, hf_greedy
+from conftest import CPU_FP32, cpu_config, hf_greedy
 from max.driver import CPU
 from max.dtype import DType
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from batchgen.engine import ContextLengthError, Engine, Request, SamplingParams, Step
-from batchgen.engine.sampling import NO_CUT_TOP_K
 from batchgen.engine.weights import load_checkpoint
 
 GREEDY = SamplingParams(max_tokens=16)
@@ -59,12 +58,17 @@ def test_finish_reasons_and_counts(engine, hf_tiny, prompt_ids):
         assert completion.finish_reason == "length"
         assert completion.completion_tokens == n
         assert completion.prompt_tokens == len(prompt_ids[1])
-    assert out.padded_length == len(prompt_ids[1])
-    assert out.decode_steps == max(lengths) - 1
-    assert out.prefill_s > 0 and out.decode_s > 0
+        timing = completion.timing
+        assert timing.queue_ms >= 0 and timing.prefill_ms > 0 and timing.tokens == n
+        assert (timing.decode_ms > 0) == (n > 1)
+    # One step prefills all three; each later step decodes those still going.
+    assert out.steps == max(lengths)
+    assert [c.timing.decode_ms for c in out.completions] == sorted(
+        c.timing.decode_ms for c in out.completions
+    )
 
 
-def test_eos_stops_a_row(tiny_dir, hf_tiny, prompt_ids, tmp_path):
+def test_eos_stops_a_row(engine, tiny_dir, hf_tiny, prompt_ids, tmp_path):
     """Declare the 3rd greedy token of one prompt to be EOS; that row stops there, like HF."""
     ids = prompt_ids[0]
     eos = hf_greedy(hf_tiny, ids, 3)[2]
@@ -76,7 +80,7 @@ def test_eos_stops_a_row(tiny_dir, hf_tiny, prompt_ids, tmp_path):
         (tmp_path / name).write_text(json.dumps(config))
     hf = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
 
-    eos_engine = Engine.from_pretrained(tmp_path, CPU_FP32)
+    eos_engine = Engine.from_pretrained(tmp_path, cpu_config(engine.cache.kind))
     out = eos_engine.generate([Request(p, GREEDY) for p in prompt_ids])
     stopped = out.completions[0]
     assert stopped.finish_reason == "stop"
@@ -144,26 +148,24 @@ def test_samples_stay_inside_top_k_and_top_p(engine, prompt_ids):
     # kind of row can make up for the other ignoring its cut.
     outside = {"top_k": 0.0, "top_p": 0.0}
     for step in steps:
-        logits = step.logits.to_numpy()
-        for row, row_params in enumerate(params):
-            if step.active[row]:
-                allowed, mass = allowed_tokens(logits[row], row_params)
-                assert step.tokens[row] in allowed
-                outside["top_k" if row_params.top_k else "top_p"] += 1 - mass
+        for i, row in enumerate(step.rows):
+            allowed, mass = allowed_tokens(step.logits[i], params[row])
+            assert step.tokens[i] in allowed
+            outside["top_k" if params[row].top_k else "top_p"] += 1 - mass
     # Ignoring a cut would put a draw outside it with a chance of 1 - exp(-5) or more.
     assert min(outside.values()) > 5, outside
 
 
-def test_no_top_k_cut_samples_far_beyond_256_candidates(engine, prompt_ids):
-    """MAX's kernel alone draws from 256 candidates when asked for no cut; batchgen draws from
-    NO_CUT_TOP_K. At temperature 1.5 this model's distribution is flat: its 256 likeliest
-    tokens hold a few percent of the mass, so most draws rank lower."""
+def test_no_top_k_cut_samples_from_the_whole_vocabulary(engine, prompt_ids):
+    """Asked for no cut, MAX's fused kernel draws from its 256 likeliest tokens only. At
+    temperature 1.5 this model's distribution is flat: its 256 likeliest tokens hold a few
+    percent of the mass, so most draws must rank lower, as often as the softmax says."""
     params = [sampled(seed, max_tokens=1, temperature=1.5) for seed in range(64)]
     steps: list[Step] = []
     engine.generate([Request(prompt_ids[1], p) for p in params], steps.append)
-    logits = steps[0].logits.to_numpy()[0].astype(np.float64) / 1.5
+    logits = steps[0].logits[0].astype(np.float64) / 1.5
     order = np.argsort(-logits)
-    probs = np.exp(logits[order] - logits[order[0]])[:NO_CUT_TOP_K]
+    probs = np.exp(logits[order] - logits[order[0]])
     beyond_256 = 1 - probs[:256].sum() / probs.sum()
     rank = np.empty_like(order)
     rank[order] = np.arange(len(order))
@@ -219,10 +221,11 @@ def test_one_compile_serves_all_batch_sizes_and_lengths(tiny_dir, prompt_ids, mo
 
 
 def test_context_limit_is_refused_before_any_graph_runs(engine, prompt_ids, monkeypatch):
-    def no_graph(*args, **kwargs):
-        raise AssertionError("a graph ran")
+    class NoGraph:
+        def run(self, plan):
+            raise AssertionError("a graph ran")
 
-    monkeypatch.setattr(engine, "_model", no_graph)
+    monkeypatch.setattr(engine, "_runner", NoGraph())
     limit = engine.config.n_positions
     ok = Request(prompt_ids[0], GREEDY)
     too_long = Request([15496] * (limit - 10), SamplingParams(max_tokens=11))
@@ -267,7 +270,8 @@ def test_a_padded_vocabulary_decodes_ids_the_tokenizer_lacks(tmp_path, tokenizer
         hf.transformer.ln_f.bias.normal_()
         hf.transformer.wte.weight[50300] = 10 * hf.transformer.ln_f.bias
     hf.save_pretrained(tmp_path)
-    padded = Engine(load_checkpoint(tmp_path, torch.float32), CPU(), DType.float32, tokenizer)
+    checkpoint = load_checkpoint(tmp_path, torch.float32)
+    padded = Engine(checkpoint, CPU(), DType.float32, tokenizer, CPU_FP32)
     requests = [Request(prompt_ids[0], GREEDY), Request(prompt_ids[1], sampled(1, stop=("x",)))]
     out = padded.generate(requests)
     assert out.completions[0].token_ids == hf_greedy(hf, prompt_ids[0], GREEDY.max_tokens)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from click.testing import CliRunner, Result
@@ -54,7 +55,8 @@ def results_by_id(path: Path) -> dict[Any, dict[str, Any]]:
                 "text": body["choices"][0]["text"],
                 "finish_reason": body["choices"][0]["finish_reason"],
                 "token_ids": record["batchgen"].get("token_ids"),
-                "batch": record["batchgen"]["batch"],
+                "timing": record["batchgen"]["timing"],
+                "window": record["batchgen"]["window"],
                 "usage": body["usage"],
             }
         elif "error" not in record:
@@ -82,7 +84,8 @@ def test_greedy_results_equal_hf_generate_whatever_the_batch_size(
                 assert got[key]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
                 assert got[key]["usage"]["prompt_tokens"] == len(ids)
                 assert got[key]["usage"]["completion_tokens"] == len(expected)
-        assert max(r["batch"]["size"] for r in got.values()) == batch_size
+        rows = [r["window"]["mean_rows"] for r in got.values()]
+        assert max(rows) <= batch_size and (max(rows) > 2 or batch_size == 1)
 
 
 def test_mixed_per_line_params_share_one_batch(
@@ -105,7 +108,9 @@ def test_mixed_per_line_params_share_one_batch(
     result = run_cli(job, out, "--model", tiny_dir, "--batch-size", 8, "--token-ids")
     assert result.exit_code == 0, result.output
     got = results_by_id(out)
-    assert {r["batch"]["index"] for r in got.values()} == {0}
+    # All five ran side by side: the first window (3 steps, until "short" finished) had them.
+    assert got["short"]["window"]["index"] == 0
+    assert (got["short"]["window"]["steps"], got["short"]["window"]["mean_rows"]) == (3, 5)
     assert got["greedy"]["token_ids"] == greedy
     assert got["short"]["token_ids"] == hf_greedy(hf_tiny, ids[1], 3)
     assert got["short"]["finish_reason"] == "length"
@@ -179,23 +184,42 @@ def test_metrics_file_matches_the_output(tmp_path: Path, tiny_dir: Path):
     out, metrics = tmp_path / "out.jsonl", tmp_path / "metrics.jsonl"
     result = run_cli(job, out, "--model", tiny_dir, "--batch-size", 4, "--metrics", metrics)
     assert result.exit_code == 3, result.output
-    *batches, summary = read_jsonl(metrics)
+    *windows, summary = read_jsonl(metrics)
     results = results_by_id(out)
-    assert [b["type"] for b in batches] == ["batch"] * 3 and summary["type"] == "summary"
-    assert sorted(b["size"] for b in batches) == [2, 4, 4]
+    assert {w["type"] for w in windows} == {"window"} and summary["type"] == "summary"
+    assert [w["index"] for w in windows] == list(range(len(windows)))
+    assert sum(w["requests"] for w in windows) == 10
     for result_line in results.values():
-        assert result_line["batch"] == {
-            k: v for k, v in batches[result_line["batch"]["index"]].items() if k != "type"
-        }
+        window = windows[result_line["window"]["index"]]
+        assert result_line["window"] == {k: v for k, v in window.items() if k != "type"}
     assert summary["requests_ok"] == 10 and summary["requests_failed"] == 1
-    assert summary["generated_tokens"] == sum(
-        r["usage"]["completion_tokens"] for r in results.values()
+    assert (
+        summary["generated_tokens"]
+        == sum(r["usage"]["completion_tokens"] for r in results.values())
+        == sum(w["generated_tokens"] for w in windows)
     )
-    assert summary["prompt_tokens"] == sum(b["prompt_tokens"] for b in batches)
-    slots = sum(b["size"] * b["padded_length"] for b in batches)
-    assert summary["padding_efficiency"] == pytest.approx(summary["prompt_tokens"] / slots, 1e-3)
-    latency = summary["batch_latency_ms"]
-    assert 0 < latency["p50"] <= latency["p90"] <= latency["p99"]
+    assert (
+        summary["prompt_tokens"]
+        == sum(r["usage"]["prompt_tokens"] for r in results.values())
+        == sum(w["prompt_tokens"] for w in windows)
+    )
+    steps = sum(w["steps"] for w in windows)
+    assert summary["steps"] == steps and summary["windows"] == len(windows)
+    rows = sum(w["mean_rows"] * w["steps"] for w in windows) / steps
+    assert summary["mean_rows"] == pytest.approx(rows, abs=0.01)
+    assert 1 < summary["mean_rows"] <= 4 and 0 < summary["occupancy"] <= 1
+    for name, field in (("latency_ms", "total_ms"), ("first_token_ms", "first_token_ms")):
+        times = [r["timing"][field] for r in results.values()]
+        expected = np.percentile(times, [50, 90, 99])
+        assert [summary[name][p] for p in ("p50", "p90", "p99")] == pytest.approx(expected, abs=0.1)
+    for r in results.values():
+        timing = r["timing"]
+        assert timing["first_token_ms"] == pytest.approx(
+            timing["queue_ms"] + timing["prefill_ms"], abs=0.02
+        )
+        assert timing["total_ms"] == pytest.approx(
+            timing["first_token_ms"] + timing["decode_ms"], abs=0.02
+        )
     assert summary["compile_s"] > 0 and summary["interrupted"] is None
     assert summary["generated_tokens_per_s"] > 0 and summary["requests_per_s"] > 0
 

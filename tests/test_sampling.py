@@ -7,7 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from batchgen.cli import cli
-from batchgen.engine.sampling import SamplingParams, step_seeds
+from batchgen.engine.sampling import SamplingParams, draw_keys
 
 
 @pytest.mark.parametrize(
@@ -27,15 +27,16 @@ def test_greedy_means_temperature_zero():
     assert not SamplingParams(temperature=0.7, top_k=1).greedy
 
 
-def test_step_seeds_depend_only_on_the_row_seed_and_step():
+def test_draw_keys_depend_only_on_the_row_seed_and_token_index():
     seeds = np.array([0, 1, 2**63, 2**64 - 1], np.uint64)
-    first = step_seeds(seeds, 0)
+    zeros = np.zeros(4, np.int64)
+    first = draw_keys(seeds, zeros)
     assert first.dtype == np.uint64
     assert len(set(first.tolist())) == 4
-    assert (step_seeds(seeds[::-1], 0) == first[::-1]).all()
-    assert (step_seeds(seeds[2:3], 0) == first[2:3]).all()
-    steps = {int(step_seeds(seeds[:1], s)[0]) for s in range(100)}
-    assert len(steps) == 100
+    assert (draw_keys(seeds[::-1], zeros) == first[::-1]).all()
+    assert (draw_keys(seeds[2:3], zeros[:1]) == first[2:3]).all()
+    keys = draw_keys(np.zeros(100, np.uint64), np.arange(100))
+    assert len(set(keys.tolist())) == 100
 
 
 def test_cli_rejects_bad_sampling_options_before_loading_a_model():

@@ -1,10 +1,16 @@
-"""The generation engine: GPT-2 compiled once, batched prefill + KV-cached decode."""
+"""The generation engine: GPT-2 compiled once, continuous batching over a KV cache.
+
+Requests stream in; each step the scheduler decides which rows run, the cache's runner runs
+them, and the engine chooses each row's next token (the graph's argmax, or a seeded draw) and
+finishes rows as they end. `stream` yields a `Window` each time requests finish; `generate`
+collects one call's requests.
+"""
 
 from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -13,20 +19,21 @@ import numpy as np
 import torch
 from max.driver import CPU, Accelerator, Device, accelerator_count
 from max.dtype import DType
-from max.experimental import functional as F
-from max.experimental.tensor import Tensor, default_device, default_dtype
-from max.graph import DeviceRef
 from transformers import PreTrainedTokenizerBase
 
-from batchgen.engine.model import GPT2Config, GPT2LMHeadModel, input_types
-from batchgen.engine.sampling import Sampler, SamplingParams, step_seeds
+from batchgen.engine.kernels import SLOT_HEAD_DIMS
+from batchgen.engine.kv_cache import KVCache, PagedCache, SlotCache
+from batchgen.engine.model import GPT2Config
+from batchgen.engine.runners import Emitted, PagedRunner, Runner, SlotRunner
+from batchgen.engine.sampling import Sampler, SamplingParams, draw_keys
+from batchgen.engine.scheduler import FinishReason, Row, Scheduler, SchedulerConfig
 from batchgen.engine.textstream import TextStream, decode, token_bytes
 from batchgen.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
 
-FinishReason = Literal["stop", "length"]
 # The host-side torch dtype that carries each MAX dtype (numpy has no bfloat16).
 TORCH_DTYPES = {DType.float32: torch.float32, DType.bfloat16: torch.bfloat16}
-_MASKED = np.finfo(np.float32).min
+GiB = 2**30
+CPU_KV_CACHE_GB = 4.0  # at most; less where the machine has little memory
 
 
 class ContextLengthError(ValueError):
@@ -41,6 +48,30 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Where one request's time went, in milliseconds."""
+
+    queue_ms: float  # arrived -> admitted (a slot or its pages reserved)
+    prefill_ms: float  # admitted -> first token
+    decode_ms: float  # first token -> last token
+    tokens: int  # tokens generated
+
+    @property
+    def first_token_ms(self) -> float:
+        return self.queue_ms + self.prefill_ms
+
+    @property
+    def total_ms(self) -> float:
+        return self.first_token_ms + self.decode_ms
+
+    @property
+    def tokens_per_s(self) -> float:
+        """The request's own speed once admitted."""
+        busy_ms = self.prefill_ms + self.decode_ms
+        return 1e3 * self.tokens / busy_ms if busy_ms else 0.0
+
+
 @dataclass
 class Completion:
     """What one request produced: its tokens (EOS included) and its text (stop string cut)."""
@@ -48,44 +79,92 @@ class Completion:
     token_ids: list[int]
     finish_reason: FinishReason  # "stop": EOS or a stop string; "length": max_tokens
     prompt_tokens: int
-    text: str = ""
+    text: str
+    timing: Timing
 
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class WindowStats:
+    """The engine's work between two windows."""
+
+    index: int
+    steps: int
+    mean_rows: float  # active rows per step, on average
+    occupancy: float  # fraction of the KV cache held, on average over the steps
+    prompt_tokens: int  # prefilled in this window
+    generated_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A finished request: its position in the stream, and what it produced."""
+
+    index: int
+    completion: Completion
+
+
+@dataclass(frozen=True)
+class Window:
+    """The requests that finished since the last window, and what the engine did meanwhile."""
+
+    finished: list[Finished]
+    stats: WindowStats
+
+
 @dataclass
-class BatchOutput:
-    """The completions of one `generate` call, in request order, and its timing."""
+class GenerateOutput:
+    """The completions of one `generate` call, in request order, and its windows."""
 
     completions: list[Completion]
-    padded_length: int
-    prefill_s: float
-    decode_s: float
-    decode_steps: int
+    windows: list[WindowStats]
+    seconds: float
+
+    @property
+    def steps(self) -> int:
+        return sum(w.steps for w in self.windows)
 
 
 @dataclass(frozen=True)
 class Step:
-    """One forward pass of a batch: the token each active row received, and the logits."""
+    """One engine step: the token each row that got one received, and its logits."""
 
     index: int
-    tokens: np.ndarray
-    active: np.ndarray
-    logits: Tensor
+    rows: list[int]  # the rows' positions in the stream (request order in `generate`)
+    tokens: np.ndarray  # int64 [len(rows)]
+    logits: np.ndarray  # float32 [len(rows), vocab], on the host
+
+    def token_of(self, row: int) -> int | None:
+        return int(self.tokens[self.rows.index(row)]) if row in self.rows else None
 
 
-# Called after every forward pass, e.g. to stream text as it is generated.
+# Called after every step, e.g. to stream text as it is generated.
 OnStep = Callable[[Step], None]
+KVCacheKind = Literal["auto", "slots", "paged"]
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Where and in what precision the model runs."""
+    """Where and in what precision the model runs, its KV cache, and how rows are admitted."""
 
     device: Literal["auto", "cpu", "gpu"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    kv_cache: KVCacheKind = "auto"  # auto: slots on CPU, paged on GPU
+    kv_cache_gb: float | None = None  # None: a default per device
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class EngineTimings:
+    """What setting the engine up cost, in seconds."""
+
+    load_s: float = 0.0  # checkpoint and tokenizer from disk
+    compile_s: float = 0.0  # the model's graphs, weights to the device included
+    sampler_compile_s: float = 0.0  # the first time a request samples
 
 
 def resolve_device(config: EngineConfig) -> tuple[Device, DType]:
@@ -103,8 +182,30 @@ def resolve_device(config: EngineConfig) -> tuple[Device, DType]:
     return device, DType.float32 if dtype == "float32" else DType.bfloat16
 
 
+def resolve_kv_cache(kind: KVCacheKind, device: Device, dtype: DType, config: GPT2Config) -> str:
+    """slots (our Mojo kernel) on the CPU, paged (MAX's kernels) on a GPU, unless asked."""
+    fits_kernel = device.is_host and dtype == DType.float32 and config.head_dim in SLOT_HEAD_DIMS
+    if kind == "auto":
+        return "slots" if fits_kernel else "paged"
+    if kind == "slots" and not fits_kernel:
+        raise ValueError(
+            "--kv-cache slots runs on the CPU in float32, for head sizes "
+            f"{', '.join(map(str, SLOT_HEAD_DIMS))}; use --kv-cache paged"
+        )
+    return kind
+
+
+def kv_cache_bytes(config: EngineConfig, device: Device) -> float:
+    """The KV cache's budget: as asked, else up to 4 GiB (a quarter of free memory at most)
+    on the CPU, half of the free memory on a GPU."""
+    if config.kv_cache_gb is not None:
+        return config.kv_cache_gb * GiB
+    free = float(device.stats["free_memory"])
+    return min(CPU_KV_CACHE_GB * GiB, free / 4) if device.is_host else free / 2
+
+
 class Engine:
-    """GPT-2 compiled once for any batch size and length; `generate` runs one batch."""
+    """GPT-2 compiled once for any number of rows and lengths, over one KV cache."""
 
     def __init__(
         self,
@@ -112,26 +213,31 @@ class Engine:
         device: Device,
         dtype: DType,
         tokenizer: PreTrainedTokenizerBase,
+        config: EngineConfig = EngineConfig(),
     ):
         self.config: GPT2Config = checkpoint.config
         self.device = device
         self.dtype = dtype
         self.tokenizer = tokenizer
+        self.schedule = config.scheduler
         # Sized by the model, whose vocabulary may be padded past the tokenizer's.
         self.vocab_bytes = token_bytes(tokenizer, self.config.vocab_size)
-        self.timings: dict[str, float] = {}
+        self.timings = EngineTimings()
         start = time.perf_counter()
-        # Lazy: parameters are declared, never initialised; `weights=` supplies them. The
-        # dtype and device are explicit because MAX's defaults differ between CPU and GPU.
-        with F.lazy(), default_dtype(dtype), default_device(device):
-            model = GPT2LMHeadModel(self.config)
-        self.timings["init_s"] = time.perf_counter() - start
-        start = time.perf_counter()
-        device_ref = DeviceRef.from_device(device)
-        self._model = model.compile(
-            *input_types(self.config, dtype, device_ref), weights=checkpoint.weights
-        )
-        self.timings["compile_s"] = time.perf_counter() - start  # weights to device included
+        kind = resolve_kv_cache(config.kv_cache, device, dtype, self.config)
+        budget = kv_cache_bytes(config, device)
+        rows = config.scheduler.max_rows
+        self.cache: KVCache
+        self._runner: Runner
+        if kind == "slots":
+            slots = SlotCache.within(budget, rows, self.config, dtype, device)
+            self.cache = slots
+            self._runner = SlotRunner(self.config, checkpoint.weights, dtype, device, slots)
+        else:
+            pages = PagedCache.within(budget, rows, self.config, dtype, device)
+            self.cache = pages
+            self._runner = PagedRunner(self.config, checkpoint.weights, dtype, device, pages)
+        self.timings.compile_s = time.perf_counter() - start
         self._sampler: Sampler | None = None
 
     @classmethod
@@ -144,8 +250,8 @@ class Engine:
         checkpoint = load_checkpoint(model, TORCH_DTYPES[dtype])
         tokenizer = load_tokenizer(model)
         load_s = time.perf_counter() - start
-        engine = cls(checkpoint, device, dtype, tokenizer)
-        engine.timings["load_s"] = load_s
+        engine = cls(checkpoint, device, dtype, tokenizer, config)
+        engine.timings.load_s = load_s
         return engine
 
     def check(self, request: Request) -> None:
@@ -166,172 +272,186 @@ class Engine:
                 f"{limit} tokens"
             )
 
-    def generate(self, requests: Sequence[Request], on_step: OnStep | None = None) -> BatchOutput:
-        """Decode requests as one batch; each row's output is independent of the others."""
+    def generate(
+        self,
+        requests: Sequence[Request],
+        on_step: OnStep | None = None,
+        schedule: SchedulerConfig | None = None,
+    ) -> GenerateOutput:
+        """Decode requests to completion; each row's output is independent of the others."""
         for request in requests:
             self.check(request)
-        if not requests:
-            return BatchOutput([], 0, 0.0, 0.0, 0)
-        if any(not r.params.greedy for r in requests):
-            self.compile_sampler()
-        batch = _DecodeBatch(requests, self.config, self.vocab_bytes)
-        caches = self._new_caches(len(requests), batch.cache_len)
-
         start = time.perf_counter()
-        self._step(batch, batch.prefill_inputs(), caches, on_step)
-        prefill_s = time.perf_counter() - start
+        completions: list[Completion | None] = [None] * len(requests)
+        windows = []
+        for window in self.stream(requests, on_step, schedule):
+            windows.append(window.stats)
+            for finished in window.finished:
+                completions[finished.index] = finished.completion
+        done = [c for c in completions if c is not None]
+        return GenerateOutput(done, windows, time.perf_counter() - start)
 
-        start = time.perf_counter()
-        steps = 0
-        while not batch.done:
-            self._step(batch, batch.decode_inputs(), caches, on_step)
-            steps += 1
-        decode_s = time.perf_counter() - start
-        return BatchOutput(batch.completions(), batch.prompt_len, prefill_s, decode_s, steps)
-
-    def _step(
+    def stream(
         self,
-        batch: _DecodeBatch,
-        inputs: Sequence[np.ndarray],
-        caches: list[Tensor],
-        on_step: OnStep | None,
-    ) -> None:
-        active = batch.active_rows()
-        greedy, logits = self._run(inputs, caches)
-        tokens = self._choose(batch, greedy, logits)
-        batch.advance(tokens)
-        if on_step is not None:
-            on_step(Step(batch.step - 1, tokens, active, logits))
-
-    def _run(self, inputs: Sequence[np.ndarray], caches: list[Tensor]) -> tuple[Tensor, Tensor]:
-        tensors = [Tensor.from_dlpack(a).to(self.device) for a in inputs]
-        return self._model(*tensors, *caches)
-
-    def _new_caches(self, batch: int, length: int) -> list[Tensor]:
-        # Zeroed, not empty: masked slots get zero attention weight, but 0 * NaN is NaN.
-        shape = (batch, self.config.n_head, length, self.config.head_dim)
-        torch_dtype = TORCH_DTYPES[self.dtype]
-        return [
-            Tensor.from_dlpack(torch.zeros(shape, dtype=torch_dtype)).to(self.device)
-            for _ in range(2 * self.config.n_layer)
-        ]
+        requests: Iterable[Request],
+        on_step: OnStep | None = None,
+        schedule: SchedulerConfig | None = None,
+    ) -> Iterator[Window]:
+        """Run requests as they come (read lazily, a few ahead of admission); yield a Window
+        whenever some finish. Leaving the loop early gives every row's cache back."""
+        config = schedule or self.schedule
+        if not self.cache.idle:
+            raise RuntimeError("the engine is already running a stream")
+        scheduler = Scheduler(config, self.cache)
+        source = iter(requests)
+        arrivals = windows = 0
+        clock = _WindowClock()
+        try:
+            while True:
+                while len(scheduler.waiting) < config.max_rows:
+                    request = next(source, None)
+                    if request is None:
+                        break
+                    scheduler.add(self._row(arrivals, request))
+                    arrivals += 1
+                if not scheduler.busy:
+                    return
+                finished = self._step(scheduler, clock, on_step)
+                if finished:
+                    yield clock.window(windows, finished)
+                    windows += 1
+        finally:
+            scheduler.abandon()
 
     def compile_sampler(self) -> None:
-        """Compile the sampler if not yet done; `generate` calls it when a request samples."""
+        """Compile the sampler if not yet done; the engine calls it when a request samples."""
         if self._sampler is None:
             start = time.perf_counter()
             self._sampler = Sampler(self.config.vocab_size, self.device)
-            self.timings["sampler_compile_s"] = time.perf_counter() - start
+            self.timings.sampler_compile_s = time.perf_counter() - start
 
-    def _choose(self, batch: _DecodeBatch, greedy: Tensor, logits: Tensor) -> np.ndarray:
-        """Next token per row: the graph's argmax, or a seeded sample where asked."""
-        tokens = greedy.to(CPU()).to_numpy().astype(np.int64)
-        sampled = batch.sampled_rows()
-        if not sampled.any():
-            return tokens
+    def _row(self, index: int, request: Request) -> Row:
+        self.check(request)
+        params = request.params
+        if not params.greedy:
+            self.compile_sampler()
+        stream = TextStream(self.vocab_bytes, params.stop) if params.stop else None
+        seed = secrets.randbits(64) if params.seed is None else params.seed
+        return Row(index, request.prompt_token_ids, params, seed, time.perf_counter(), stream)
+
+    def _step(
+        self, scheduler: Scheduler, clock: _WindowClock, on_step: OnStep | None
+    ) -> list[Finished]:
+        plan = scheduler.schedule(time.perf_counter())
+        clock.step(plan.rows, plan.prompt_tokens, self.cache.occupancy)
+        emitted = self._runner.run(plan)
+        for row in plan.decode:
+            row.computed += 1
+        for row, n in plan.prefill:
+            row.computed += n
+        chosen = self._choose(emitted)
+        now = time.perf_counter()
+        finished = []
+        for row, token in chosen:
+            if row.first_token is None:
+                row.first_token = now
+            row.generated.append(token)
+            if row.stream is not None:
+                row.stream.push(token)
+            row.finish_reason = check_stop(row, self.config.eos_token_id)
+            if row.finish_reason is not None:
+                row.finished = now
+                scheduler.finish(row)
+                finished.append(Finished(row.index, self._completion(row)))
+        clock.generated += len(chosen)
+        if on_step is not None:
+            on_step(_step_record(clock.steps_total - 1, emitted, chosen))
+        return finished
+
+    def _choose(self, group: Emitted) -> list[tuple[Row, int]]:
+        """Next token per emitting row: the graph's argmax, or a seeded draw where asked."""
+        greedy = group.outputs.next_token.to(CPU()).to_numpy()
+        rows = group.rows
+        if all(row is None or row.params.greedy for row in rows):
+            return [(row, int(greedy[i])) for i, row in enumerate(rows) if row is not None]
         assert self._sampler is not None
-        drawn = self._sampler(logits, batch.params, step_seeds(batch.seeds, batch.step))
-        return np.where(sampled, drawn, tokens)
-
-
-class _DecodeBatch:
-    """Host-side state of one left-padded batch: tokens, positions, masks, finished rows."""
-
-    def __init__(
-        self, requests: Sequence[Request], config: GPT2Config, vocab_bytes: Sequence[bytes]
-    ):
-        self.params = [r.params for r in requests]
-        self.vocab_bytes = vocab_bytes
-        # Rows with stop strings watch their text as it grows.
-        self.streams = {
-            row: TextStream(vocab_bytes, p.stop) for row, p in enumerate(self.params) if p.stop
-        }
-        self.eos = config.eos_token_id
-        self.prompt_lens = np.array([len(r.prompt_token_ids) for r in requests])
-        self.prompt_len = int(self.prompt_lens.max())
-        self.max_tokens = np.array([p.max_tokens for p in self.params])
-        self.cache_len = self.prompt_len + int(self.max_tokens.max())
-        n = len(requests)
-        self.prompt = np.full((n, self.prompt_len), self.eos, np.int64)
-        # key_valid[b, j]: cache slot j of row b holds a real token (not left padding).
-        self.key_valid = np.zeros((n, self.cache_len), bool)
-        for row, request in enumerate(requests):
-            pad = self.prompt_len - self.prompt_lens[row]
-            self.prompt[row, pad:] = request.prompt_token_ids
-            self.key_valid[row, pad:] = True
-        self.seeds = np.array(
-            [secrets.randbits(64) if p.seed is None else p.seed for p in self.params],
-            np.uint64,
-        )
-        self.generated: list[list[int]] = [[] for _ in requests]
-        self.finished: list[FinishReason | None] = [None] * n
-        self.step = 0
-
-    @property
-    def done(self) -> bool:
-        return all(self.finished)
-
-    @property
-    def total(self) -> int:
-        """Cache slots in use after this step's tokens are written."""
-        return self.prompt_len + self.step
-
-    def prefill_inputs(self) -> list[np.ndarray]:
-        s = self.prompt_len
-        positions = np.maximum(np.cumsum(self.key_valid[:, :s], axis=1) - 1, 0)
-        causal = np.tril(np.ones((s, s), bool))
-        # A padding query may see only itself, so no row of the bias is fully masked.
-        allowed = causal[None] & self.key_valid[:, None, :s] | np.eye(s, dtype=bool)
-        return [self.prompt, positions, _bias(allowed)]
-
-    def decode_inputs(self) -> list[np.ndarray]:
-        last = np.array([g[-1] for g in self.generated], np.int64)[:, None]
-        # A finished row is still fed; hold its position at its last one so it never runs
-        # past the position table while longer rows go on.
-        positions = np.minimum(self.prompt_lens + self.step, self.prompt_lens + self.max_tokens) - 1
-        positions = positions[:, None].astype(np.int64)
-        allowed = self.key_valid[:, None, : self.total]
-        return [last, positions, _bias(allowed)]
-
-    def active_rows(self) -> np.ndarray:
-        return np.array([f is None for f in self.finished])
-
-    def sampled_rows(self) -> np.ndarray:
-        return np.array([not p.greedy for p in self.params]) & self.active_rows()
-
-    def advance(self, tokens: np.ndarray) -> None:
-        """Record this step's tokens and which rows finished."""
-        self.key_valid[:, self.total] = True
-        self.step += 1
-        for row, token in enumerate(tokens.tolist()):
-            if self.finished[row]:
-                continue
-            self.generated[row].append(token)
-            params = self.params[row]
-            stream = self.streams.get(row)
-            if stream is not None:
-                stream.push(token)
-            # A stop string wins over "length" when the last allowed token completes it.
-            if (token == self.eos and not params.ignore_eos) or (stream and stream.stopped):
-                self.finished[row] = "stop"
-            elif len(self.generated[row]) >= params.max_tokens:
-                self.finished[row] = "length"
-
-    def completions(self) -> list[Completion]:
+        # Rows that do not draw get greedy parameters and a throwaway key.
+        params = [SamplingParams() if row is None else row.params for row in rows]
+        seeds = np.array([0 if row is None else row.seed for row in rows], np.uint64)
+        index = np.array([0 if row is None else len(row.generated) for row in rows], np.int64)
+        drawn = self._sampler(group.outputs.logits, params, draw_keys(seeds, index))
         return [
-            Completion(tokens, reason, int(n), self._text(row))
-            for row, (tokens, reason, n) in enumerate(
-                zip(self.generated, self.finished, self.prompt_lens, strict=True)
-            )
+            (row, int(greedy[i] if row.params.greedy else drawn[i]))
+            for i, row in enumerate(rows)
+            if row is not None
         ]
 
-    def _text(self, row: int) -> str:
-        stream = self.streams.get(row)
-        if stream is None:
-            return decode(self.vocab_bytes, self.generated[row])
-        return stream.text + stream.finish()  # finish() is empty once a stop string was seen
+    def _completion(self, row: Row) -> Completion:
+        assert row.admitted is not None and row.first_token is not None
+        assert row.finished is not None and row.finish_reason is not None
+        timing = Timing(
+            queue_ms=1e3 * (row.admitted - row.arrived),
+            prefill_ms=1e3 * (row.first_token - row.admitted),
+            decode_ms=1e3 * (row.finished - row.first_token),
+            tokens=len(row.generated),
+        )
+        if row.stream is None:
+            text = decode(self.vocab_bytes, row.generated)
+        else:
+            text = row.stream.text + row.stream.finish()  # empty once a stop string was seen
+        return Completion(row.generated, row.finish_reason, len(row.prompt), text, timing)
 
 
-def _bias(allowed: np.ndarray) -> np.ndarray:
-    """Additive attention bias: 0 where attending is allowed, float32 min elsewhere."""
-    return np.where(allowed, np.float32(0), _MASKED).astype(np.float32)
+def check_stop(row: Row, eos: int) -> FinishReason | None:
+    """Why the row ends after its latest token, if it does (vLLM's check_stop)."""
+    token = row.generated[-1]
+    # A stop string wins over "length" when the last allowed token completes it.
+    if (token == eos and not row.params.ignore_eos) or (row.stream and row.stream.stopped):
+        return "stop"
+    if len(row.generated) >= row.params.max_tokens:
+        return "length"
+    return None
+
+
+class _WindowClock:
+    """Adds up the steps between two windows."""
+
+    def __init__(self) -> None:
+        self.steps_total = 0
+        self._reset(time.perf_counter())
+
+    def _reset(self, now: float) -> None:
+        self.start = now
+        self.steps = self.rows = self.prompt_tokens = self.generated = 0
+        self.occupancy = 0.0
+
+    def step(self, rows: int, prompt_tokens: int, occupancy: float) -> None:
+        self.steps += 1
+        self.steps_total += 1
+        self.rows += rows
+        self.prompt_tokens += prompt_tokens
+        self.occupancy += occupancy
+
+    def window(self, index: int, finished: list[Finished]) -> Window:
+        now = time.perf_counter()
+        stats = WindowStats(
+            index=index,
+            steps=self.steps,
+            mean_rows=self.rows / self.steps,
+            occupancy=self.occupancy / self.steps,
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated,
+            seconds=now - self.start,
+        )
+        self._reset(now)
+        return Window(finished, stats)
+
+
+def _step_record(index: int, emitted: Emitted, chosen: list[tuple[Row, int]]) -> Step:
+    rows = [i for i, row in enumerate(emitted.rows) if row is not None]
+    return Step(
+        index,
+        [row.index for row, _ in chosen],
+        np.array([token for _, token in chosen], np.int64),
+        emitted.outputs.logits.to(CPU()).to_numpy()[rows],
+    )

@@ -1,22 +1,41 @@
 """GPT-2 in MAX: module names mirror Hugging Face's so its state dict maps one-to-one.
 
-One forward serves both prefill (S prompt tokens) and decode (S = 1): the new keys and
-values are written in place into preallocated per-layer caches at positions
-[total - S, total), and attention reads the cache up to `total`, the last dim of the
-additive attention bias. Padding and causality live entirely in that bias, built on the
-host, so the graph never branches on the phase.
+One module tree, run two ways, one per KV cache (the weights are shared). Both take the new
+tokens of many rows concatenated (ragged: a decode row brings one token, a prompt chunk many),
+so one graph serves prefill, decode and mixed steps, with no padding and no host-built mask:
+
+- `SlotGPT2`: caches [slots, H, maxlen, D] per layer; batchgen's Mojo op stores each row's
+  K/V at its own slot and positions and attends over that row's own tokens only.
+- `PagedGPT2`: MAX's paged cache and its `flash_attention_ragged` kernels.
+
+Each returns `ModelOutputs`: per row, the logits after its last new token and their argmax.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, NamedTuple
 
+import numpy as np
+from max.driver import Buffer, Device
 from max.dtype import DType
 from max.experimental import functional as F
 from max.experimental.nn import Embedding, LayerNorm, Linear, Module, ModuleList
 from max.experimental.tensor import Tensor
-from max.graph import BufferType, DeviceRef, Dim, TensorType, TensorValue
+from max.graph import BufferType, DeviceRef, TensorType
+from max.nn import kernels
+from max.nn.attention import MHAMaskVariant
+from max.nn.kv_cache import MHAKVCacheParams
+
+# Attention over one layer's cache: q, k, v [..., H, D] of this call's tokens -> [..., H, D].
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+_store_k_ragged = F.functional(kernels.store_k_cache_ragged)
+_store_v_ragged = F.functional(kernels.store_v_cache_ragged)
+_flash_attention_ragged = F.functional(kernels.flash_attention_ragged)
 
 
 @dataclass(frozen=True)
@@ -41,6 +60,58 @@ class GPT2Config:
         return self.n_inner or 4 * self.n_embd
 
 
+class ModelOutputs(NamedTuple):
+    """What every forward returns, one row per row of the call."""
+
+    next_token: Tensor  # int64 [B]: argmax of `logits`, the greedy choice
+    logits: Tensor  # float32 [B, V]: after each row's last new token
+
+
+# Graph inputs: each dataclass below fixes its graph's argument order once, by field order.
+def graph_input(dtype: DType, shape: list[str]) -> Any:
+    """A field that is one graph input of this dtype and (symbolic) shape."""
+    return field(metadata={"dtype": dtype, "shape": shape})
+
+
+class GraphInputs:
+    """Host arrays for a graph's named inputs, in the order its fields declare."""
+
+    @classmethod
+    def types(cls, device: DeviceRef) -> list[TensorType]:
+        return [
+            TensorType(f.metadata["dtype"], f.metadata["shape"], device=device)
+            for f in fields(cls)  # type: ignore[arg-type]
+        ]
+
+    def buffers(self, device: Device) -> list[Buffer]:
+        arrays = (getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+        return [_to_device(np.ascontiguousarray(a), device) for a in arrays]
+
+
+@dataclass(frozen=True)
+class RaggedInputs(GraphInputs):
+    """The new tokens of every row of a step, concatenated."""
+
+    tokens: np.ndarray = graph_input(DType.int64, ["tokens"])
+    positions: np.ndarray = graph_input(DType.int64, ["tokens"])
+    # Row b's tokens are [row_offsets[b], row_offsets[b + 1]).
+    row_offsets: np.ndarray = graph_input(DType.uint32, ["rows_plus_one"])
+
+
+@dataclass(frozen=True)
+class SlotInputs(RaggedInputs):
+    """A ragged step on the slot cache: where each row's keys and values live."""
+
+    slots: np.ndarray = graph_input(DType.int64, ["rows"])
+    starts: np.ndarray = graph_input(DType.int64, ["rows"])  # tokens cached before this step
+
+
+def slot_cache_types(config: GPT2Config, dtype: DType, device: DeviceRef) -> list[BufferType]:
+    """Per layer a K and a V buffer [slots, H, maxlen, D], written in place."""
+    cache = BufferType(dtype, ["slots", config.n_head, "maxlen", config.head_dim], device=device)
+    return [cache] * (2 * config.n_layer)
+
+
 class Attention(Module):
     def __init__(self, config: GPT2Config):
         self.n_head = config.n_head
@@ -48,32 +119,12 @@ class Attention(Module):
         self.c_attn = Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = Linear(config.n_embd, config.n_embd)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        batch, seqlen = x.shape[0], x.shape[1]
-        return x.reshape([batch, seqlen, self.n_head, self.head_dim]).permute([0, 2, 1, 3])
-
-    def forward(self, x: Tensor, bias: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        batch, seqlen, total = bias.shape[0], bias.shape[1], bias.shape[2]
+    def forward(self, x: Tensor, attend: Attend) -> Tensor:
+        # x: [..., E] -> q, k, v: [..., H, D]; the cache layout decides how they meet.
         q, k, v = F.split(self.c_attn(x), [x.shape[-1]] * 3, axis=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-
-        # Cache rows [start, total) receive this call's keys/values; [0, total) are read.
-        total_value = _dim_value(total)
-        start_value = total_value - _dim_value(seqlen)
-        write = (slice(None), slice(None), (slice(start_value, total_value), seqlen))
-        F.buffer_store_slice(k_cache, k, write)
-        F.buffer_store_slice(v_cache, v, write)
-        read = (slice(None), slice(None), (slice(0, total_value), total))
-        keys = F.slice_tensor(k_cache, read)
-        values = F.slice_tensor(v_cache, read)
-
-        # Softmax in float32 whatever the model dtype: the bias's float32-min entries would
-        # round to -inf in bfloat16.
-        scores = _as(q @ keys.transpose(-1, -2), DType.float32) * (1.0 / math.sqrt(self.head_dim))
-        scores = scores + bias.reshape([batch, 1, seqlen, total])
-        out = _as(F.softmax(scores), values.dtype) @ values
-        out = out.permute([0, 2, 1, 3]).reshape([batch, seqlen, x.shape[-1]])
-        return self.c_proj(out)
+        heads = [*x.shape[:-1], self.n_head, self.head_dim]
+        out = attend(q.reshape(heads), k.reshape(heads), v.reshape(heads))
+        return self.c_proj(out.reshape(x.shape))
 
 
 class MLP(Module):
@@ -92,8 +143,8 @@ class Block(Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, bias: Tensor, k_cache: Tensor, v_cache: Tensor) -> Tensor:
-        x = x + self.attn(self.ln_1(x), bias, k_cache, v_cache)
+    def forward(self, x: Tensor, attend: Attend) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attend)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -106,41 +157,141 @@ class Transformer(Module):
 
 
 class GPT2LMHeadModel(Module):
-    """GPT-2 with its LM head tied to `wte`; returns last-position logits and their argmax."""
+    """GPT-2 with its LM head tied to `wte`; subclasses differ only in how they attend."""
 
     def __init__(self, config: GPT2Config):
         self.config = config
         self.transformer = Transformer(config)
 
-    def forward(
-        self, tokens: Tensor, positions: Tensor, bias: Tensor, *caches: Tensor
-    ) -> tuple[Tensor, Tensor]:
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.config.head_dim)
+
+    def embed(self, tokens: Tensor, positions: Tensor) -> Tensor:
         t = self.transformer
-        x = t.wte(tokens) + t.wpe(positions)
-        for i, block in enumerate(t.h):
-            x = block(x, bias, caches[2 * i], caches[2 * i + 1])
-        # Left padding puts every row's last real token in the last column.
-        last = t.ln_f(x[:, -1, :])
-        logits = _as(last @ t.wte.weight.T, DType.float32)
-        return F.argmax(logits, axis=-1).reshape([logits.shape[0]]), logits
+        return t.wte(tokens) + t.wpe(positions)
+
+    def head(self, last: Tensor) -> ModelOutputs:
+        """[B, E] hidden states of each row's last new token -> logits and their argmax."""
+        t = self.transformer
+        logits = _as(t.ln_f(last) @ t.wte.weight.T, DType.float32)
+        return ModelOutputs(F.argmax(logits, axis=-1).reshape([logits.shape[0]]), logits)
 
 
-def input_types(
-    config: GPT2Config, dtype: DType, device: DeviceRef
-) -> list[TensorType | BufferType]:
-    """Graph input types with symbolic batch, sequence, context and cache-length dims."""
-    cache = BufferType(dtype, ["batch", config.n_head, "maxlen", config.head_dim], device=device)
-    return [
-        TensorType(DType.int64, ["batch", "seqlen"], device=device),
-        TensorType(DType.int64, ["batch", "seqlen"], device=device),
-        TensorType(DType.float32, ["batch", "seqlen", "total"], device=device),
-        *[cache] * (2 * config.n_layer),
-    ]
+class SlotGPT2(GPT2LMHeadModel):
+    def forward(
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        row_offsets: Tensor,
+        slots: Tensor,
+        starts: Tensor,
+        *caches: Tensor,
+    ) -> ModelOutputs:
+        x = self.embed(tokens, positions)  # [T, E]
+        for i, block in enumerate(self.transformer.h):
+            attend = functools.partial(
+                slot_attention,
+                k_cache=caches[2 * i],
+                v_cache=caches[2 * i + 1],
+                row_offsets=row_offsets,
+                slots=slots,
+                starts=starts,
+            )
+            x = block(x, attend)
+        return self.head(_last_of_each_row(x, row_offsets))
 
 
-def _dim_value(dim: Dim) -> TensorValue:
-    """A symbolic dim as a scalar int64 graph value (slice bounds need one)."""
-    return TensorValue(F.reshape(F.shape_to_tensor([dim]), []))
+class PagedGPT2(GPT2LMHeadModel):
+    def __init__(self, config: GPT2Config, kv_params: MHAKVCacheParams):
+        super().__init__(config)
+        self.kv_params = kv_params
+
+    def forward(
+        self, tokens: Tensor, positions: Tensor, row_offsets: Tensor, *kv_inputs: Tensor
+    ) -> ModelOutputs:
+        (kv,) = self.kv_params.unflatten_kv_inputs(iter(t._graph_value for t in kv_inputs))
+        x = self.embed(tokens, positions)  # [T, E]
+        for i, block in enumerate(self.transformer.h):
+            attend = functools.partial(
+                paged_attention,
+                kv=kv,
+                kv_params=self.kv_params,
+                layer=i,
+                row_offsets=row_offsets,
+                scale=self.scale,
+            )
+            x = block(x, attend)
+        return self.head(_last_of_each_row(x, row_offsets))
+
+
+def slot_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    row_offsets: Tensor,
+    slots: Tensor,
+    starts: Tensor,
+) -> Tensor:
+    """q, k, v [T, H, D]; caches [slots, H, maxlen, D] -> [T, H, D] (kernels/slot_attention).
+
+    Row b's token i goes to (slots[b], :, starts[b] + i) and attends over [0, starts[b] + i].
+    """
+    (out,) = F.inplace_custom(
+        "slot_attention",
+        device=DeviceRef.CPU(),
+        values=[
+            q,
+            k,
+            v,
+            k_cache.__buffervalue__(),
+            v_cache.__buffervalue__(),
+            row_offsets,
+            slots,
+            starts,
+        ],
+        out_types=[TensorType(q.dtype, q.shape, device=DeviceRef.CPU())],
+    )
+    return out
+
+
+def paged_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    kv: Any,
+    kv_params: MHAKVCacheParams,
+    layer: int,
+    row_offsets: Tensor,
+    scale: float,
+) -> Tensor:
+    """q, k, v [T, H, D] of every row's new tokens -> [T, H, D], causal within each row."""
+    layer_index = F.constant(layer, DType.uint32, device=DeviceRef.CPU())
+    _store_k_ragged(kv, k, row_offsets, layer_index)
+    _store_v_ragged(kv, v, row_offsets, layer_index)
+    return _flash_attention_ragged(
+        kv_params,
+        q,
+        row_offsets,
+        kv,
+        layer_index,
+        mask_variant=MHAMaskVariant.CAUSAL_MASK,
+        scale=scale,
+    )
+
+
+def _last_of_each_row(x: Tensor, row_offsets: Tensor) -> Tensor:
+    """[T, E] -> [B, E]: every row has at least one new token; its last ends its range."""
+    return F.gather(x, row_offsets[1:] - 1, axis=0)
+
+
+def _to_device(array: np.ndarray, device: Device) -> Buffer:
+    buffer = Buffer.from_numpy(array)
+    return buffer if device.is_host else buffer.to(device)
 
 
 def _as(x: Tensor, dtype: DType) -> Tensor:

@@ -1,4 +1,11 @@
-"""Per-request sampling parameters and the compiled sampler they drive."""
+"""Per-request sampling parameters, and the sampler they drive.
+
+A sampled row draws by Gumbel-max: argmax over its allowed tokens of logits / T + g, where the
+noise g of token v is a hash of (the row's seed, the index of the token being drawn, v). So a
+draw depends only on the row's own logits and its own key: neither its neighbours, nor the
+batch, nor the order of a reduction can move it, short of an exact tie. The allowed tokens
+(top-k, then top-p) are the row's logits at or above a cut computed from that row alone.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +15,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from max.driver import CPU, Device
+from max.driver import CPU, Buffer, Device
 from max.dtype import DType
 from max.experimental import compilation
 from max.experimental import functional as F
 from max.experimental.tensor import Tensor
 from max.graph import DeviceRef, TensorType
-from max.nn.kernels import topk_fused_sampling
 
-_fused_sampling = F.functional(topk_fused_sampling)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
-# What "no top-k cut" draws from. MAX 26.7's fused kernel reads a cut at the whole vocabulary
-# (or 0) as "no cut" and then draws from its 256 likeliest tokens only; and past about 20,000
-# candidates its draws change with the batch (both measured on CPU). 16,384 keeps draws
-# batch-invariant and leaves out only the least likely tail of GPT-2's 50,257 tokens.
-NO_CUT_TOP_K = 16_384
+_NO_CUT = np.float32(-np.inf)
+# How many of the likeliest tokens a top-p cut looks at first; more only if they hold too
+# little of the mass (a trained model's nucleus is far smaller; a flat one may need all).
+_TOP_P_FIRST_LOOK = 1024
 
 
 class ParamError(ValueError):
@@ -65,6 +69,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def cuts(self) -> bool:
+        """Whether top-k or top-p leaves out any token."""
+        return self.top_k > 0 or self.top_p < 1.0
+
 
 def derive_seed(base: int, key: str | int) -> int:
     """A request's seed from a run's base seed and the request's id (a line id, a turn)."""
@@ -72,17 +81,14 @@ def derive_seed(base: int, key: str | int) -> int:
     return int.from_bytes(digest, "little")
 
 
-def step_seeds(seeds: np.ndarray, step: int) -> np.ndarray:
-    """Per-row seeds for one decode step: a hash of (request seed, step).
-
-    Each row's random stream depends only on its own seed and step, so a request samples
-    the same tokens whatever it is batched with.
-    """
+def draw_keys(seeds: np.ndarray, token_index: np.ndarray) -> np.ndarray:
+    """uint64 key per row for drawing its token number `token_index`: SplitMix64 of both."""
     with np.errstate(over="ignore"):
-        return _splitmix64(_splitmix64(seeds.astype(np.uint64)) + np.uint64(step))
+        mixed = splitmix64(seeds.astype(np.uint64)) + token_index.astype(np.uint64)
+        return splitmix64(mixed)
 
 
-def _splitmix64(z: np.ndarray) -> np.ndarray:
+def splitmix64(z: np.ndarray) -> np.ndarray:
     """SplitMix64's finaliser: a bijective, well-mixing hash of uint64 values."""
     with np.errstate(over="ignore"):
         z = z + np.uint64(0x9E3779B97F4A7C15)
@@ -91,70 +97,92 @@ def _splitmix64(z: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def _sample(
-    logits: Tensor,
-    top_k: Tensor,
-    max_k: Tensor,
-    temperature: Tensor,
-    top_p: Tensor,
-    min_top_p: Tensor,
-    seed: Tensor,
+def cut(logits: np.ndarray, params: SamplingParams) -> np.float32:
+    """The lowest logit a row may still draw after top-k, then top-p (as HF applies them).
+
+    Computed from this row's float32 logits alone; -inf when nothing is cut.
+    """
+    vocab = logits.shape[-1]
+    k = params.top_k if 0 < params.top_k < vocab else vocab
+    kept = logits if k == vocab else np.partition(logits, vocab - k)[vocab - k :]  # the top k
+    if params.top_p >= 1.0:
+        return _NO_CUT if k == vocab else kept.min()
+    # Top-p over the top k at the row's temperature: the smallest set of likeliest tokens
+    # whose probability reaches top_p. Sorting all of them is rarely needed.
+    peak = np.float64(kept.max())
+    total = np.exp((kept - peak) / params.temperature).sum()
+    look = min(_TOP_P_FIRST_LOOK, k)
+    while True:
+        top = np.sort(np.partition(kept, k - look)[k - look :])[::-1]
+        mass = np.cumsum(np.exp((top - peak) / params.temperature)) / total
+        n = int(np.searchsorted(mass, params.top_p)) + 1
+        if n <= look or look == k:
+            return top[min(n, look) - 1]  # tokens tied with the last one kept stay in
+        look = min(8 * look, k)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """murmur3's 32-bit finaliser with + for ^ (MAX graphs have no bitwise ops); wraps."""
+    x = x + F.floor_div(x, np.uint32(1 << 16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x + F.floor_div(x, np.uint32(1 << 13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x + F.floor_div(x, np.uint32(1 << 16))
+
+
+def _gumbel_max(
+    logits: Tensor, inv_temperature: Tensor, cut: Tensor, key_lo: Tensor, key_hi: Tensor
 ) -> Tensor:
-    tokens = _fused_sampling(
-        logits,
-        top_k,
-        temperature=temperature,
-        max_k=max_k,
-        top_p=top_p,
-        min_top_p=min_top_p,
-        seed=seed,
-    )
-    return tokens.reshape([logits.shape[0]])
+    """logits [B, V]; per row [B, 1]: 1/T, the cut, the two halves of its key -> tokens [B]."""
+    vocab = logits.shape[-1]
+    ids = F.range(0, vocab, 1, out_dim=vocab, dtype=DType.uint32, device=logits.device)
+    bits = _mix(_mix(ids * np.uint32(0x9E3779B9) + key_lo) + key_hi)  # [B, V]
+    # The top 24 bits as a uniform in (0, 1), exact in float32.
+    uniform = (F.floor_div(bits, np.uint32(256)).cast(DType.float32) + 0.5) * (2.0**-24)
+    noise = -F.log(-F.log(uniform))
+    scores = logits * inv_temperature + noise
+    allowed = F.greater_equal(logits, cut)
+    scores = F.where(allowed, scores, F.full_like(scores, -np.inf))
+    return F.argmax(scores, axis=-1).reshape([logits.shape[0]])
 
 
 class Sampler:
-    """MAX's fused top-k/top-p/temperature sampler, compiled once for [batch, vocab] logits."""
+    """Gumbel-max over [rows, vocab] float32 logits, compiled once; greedy rows ignore it."""
 
     def __init__(self, vocab_size: int, device: Device):
         self.device = device
-        self.vocab_size = vocab_size
-        on_device, cpu = DeviceRef.from_device(device), DeviceRef.CPU()
-        self._graph = compilation.compile(_sample, name="sampler")(
-            TensorType(DType.float32, ["batch", vocab_size], device=on_device),
-            TensorType(DType.int64, ["batch"], device=on_device),
-            TensorType(DType.int64, [], device=cpu),
-            TensorType(DType.float32, ["batch"], device=on_device),
-            TensorType(DType.float32, ["batch"], device=on_device),
-            TensorType(DType.float32, [], device=cpu),
-            TensorType(DType.uint64, ["batch"], device=on_device),
+        on_device = DeviceRef.from_device(device)
+        per_row = ["rows", 1]
+        self._graph = compilation.compile(_gumbel_max, name="sampler")(
+            TensorType(DType.float32, ["rows", vocab_size], device=on_device),
+            TensorType(DType.float32, per_row, device=on_device),
+            TensorType(DType.float32, per_row, device=on_device),
+            TensorType(DType.uint32, per_row, device=on_device),
+            TensorType(DType.uint32, per_row, device=on_device),
         )
 
     def __call__(
-        self, logits: Tensor, params: Sequence[SamplingParams], seeds: np.ndarray
+        self, logits: Tensor, params: Sequence[SamplingParams], keys: np.ndarray
     ) -> np.ndarray:
-        """One token per row, drawn with that row's params and seed.
-
-        Greedy rows get a throwaway top-1 draw; the caller keeps the argmax for them.
-        """
-        no_cut = min(NO_CUT_TOP_K, self.vocab_size - 1)
-        top_k = np.array(
-            [1 if p.greedy else min(p.top_k or no_cut, no_cut) for p in params], np.int64
+        """One token per row, drawn with that row's params and uint64 key."""
+        inv_temperature = np.array(
+            [1.0 if p.greedy else 1.0 / p.temperature for p in params], np.float32
         )
-        top_p = np.array([1.0 if p.greedy else p.top_p for p in params], np.float32)
-        temperature = np.array([1.0 if p.greedy else p.temperature for p in params], np.float32)
-        # Launch-wide bounds, read on the host; a row's draw does not depend on them.
-        max_k = np.array(top_k.max(), np.int64)
-        min_top_p = np.array(top_p.min(), np.float32)
-        tokens = self._graph(
-            logits,
-            self._to_device(top_k),
-            Tensor.from_dlpack(max_k),
-            self._to_device(temperature),
-            self._to_device(top_p),
-            Tensor.from_dlpack(min_top_p),
-            self._to_device(seeds),
-        )
-        return tokens.to(CPU()).to_numpy()
+        cuts = np.full(len(params), _NO_CUT, np.float32)
+        if any(p.cuts and not p.greedy for p in params):
+            host = logits.to(CPU()).to_numpy()
+            for row, p in enumerate(params):
+                if p.cuts and not p.greedy:
+                    cuts[row] = cut(host[row], p)
+        keys = keys.astype(np.uint64)
+        halves = [
+            (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32),
+            (keys >> np.uint64(32)).astype(np.uint32),
+        ]
+        columns = [inv_temperature, cuts, *halves]
+        tokens = self._graph(logits, *(self._put(c[:, None]) for c in columns))
+        return tokens.to(CPU()).to_numpy().astype(np.int64)
 
-    def _to_device(self, array: np.ndarray) -> Tensor:
-        return Tensor.from_dlpack(array).to(self.device)
+    def _put(self, array: np.ndarray) -> Buffer:
+        buffer = Buffer.from_numpy(np.ascontiguousarray(array))
+        return buffer if self.device.is_host else buffer.to(self.device)

@@ -18,7 +18,7 @@ from batchgen.job import ledger, shards
 from batchgen.job.shards import Shard
 
 if TYPE_CHECKING:
-    from batchgen.engine import Engine
+    from batchgen.engine import Engine, EngineConfig
 
 
 class JobError(Exception):
@@ -34,7 +34,11 @@ class JobOptions:
     model: str = "gpt2"
     device: str = "auto"
     dtype: str = "auto"
-    batch_size: int = 16
+    kv_cache: str = "auto"
+    kv_cache_gb: float | None = None
+    batch_size: int = 32
+    schedule: str = "continuous"
+    step_tokens: int = 512
     window: int = 1024
     max_tokens: int = 16
     temperature: float = 0.0
@@ -202,15 +206,16 @@ def _run(
         stop=options.stop,
     )
     defaults = Defaults(params, options.seed)
+    engine_config = engine_config_of(options)
     config = RunConfig(
-        options.batch_size, options.window, options.token_ids, options.model, options.shard
+        engine_config.scheduler, options.window, options.token_ids, options.model, options.shard
     )
     if options.backend == "ray":
         ray_data = _ray_module()
         return ray_data.run_ray_job(
             options, lines, defaults, config, output, metrics, progress, marker
         )
-    engine = load_engine(options.model, options.device, options.dtype)
+    engine = load_engine(options.model, engine_config)
     if marker:
         marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
     return run_job(lines, engine, defaults, config, output, metrics, progress)
@@ -238,7 +243,17 @@ def _stale_marker(options: JobOptions) -> Path | None:
     return marker
 
 
-def load_engine(model: str, device: str, dtype: str) -> Engine:
+def engine_config_of(options: JobOptions) -> EngineConfig:
+    """The engine a job asks for: where it runs, its KV cache and how rows are admitted."""
+    from batchgen.engine import EngineConfig, SchedulerConfig
+
+    scheduler = SchedulerConfig(options.schedule, options.batch_size, options.step_tokens)
+    return EngineConfig(
+        options.device, options.dtype, options.kv_cache, options.kv_cache_gb, scheduler
+    )
+
+
+def load_engine(model: str, config: EngineConfig) -> Engine:
     """The compiled engine, or JobError naming why the model cannot load.
 
     Loading and compiling run in a worker thread while this one waits: a signal handler runs
@@ -247,7 +262,8 @@ def load_engine(model: str, device: str, dtype: str) -> Engine:
     """
     from transformers.utils import logging
 
-    from batchgen.engine import Engine, EngineConfig
+    from batchgen.engine import Engine
+    from batchgen.engine.kernels import KernelBuildError
 
     logging.disable_progress_bar()  # transformers' loading bar would garble the job's stderr
     loaded: list[Engine] = []
@@ -255,7 +271,7 @@ def load_engine(model: str, device: str, dtype: str) -> Engine:
 
     def load() -> None:
         try:
-            loaded.append(Engine.from_pretrained(model, EngineConfig(device=device, dtype=dtype)))
+            loaded.append(Engine.from_pretrained(model, config))
         except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
             failed.append(error)
 
@@ -264,7 +280,7 @@ def load_engine(model: str, device: str, dtype: str) -> Engine:
     worker.start()
     while worker.is_alive():
         worker.join(0.1)
-    if failed and isinstance(failed[0], OSError | ValueError):
+    if failed and isinstance(failed[0], OSError | ValueError | KernelBuildError):
         raise JobError(f"cannot load model {model!r}: {failed[0]}") from failed[0]
     if failed:
         raise failed[0]

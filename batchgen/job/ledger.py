@@ -20,6 +20,8 @@ JsonId = str | int
 Kind = Literal["output", "metrics"]
 # How every line batchgen writes begins (orjson puts the first key first, without spaces).
 _LINE_HEADS: dict[Kind, bytes] = {"output": b'{"id":', "metrics": b'{"type":'}
+# Metrics lines: a window of the engine's work, a summary; "batch" lines before 0.3.
+_METRICS_TYPES = ("window", "batch", "summary")
 
 
 class ClaimError(Exception):
@@ -69,7 +71,7 @@ def scan(stream: IO[bytes], name: str, kind: Kind = "output") -> Scan:
             break  # the torn last line: cut when the file is opened; its request runs again
         if kind == "output":
             _account(done, record, name, number)
-        elif not (isinstance(record, dict) and record.get("type") in ("batch", "summary")):
+        elif not (isinstance(record, dict) and record.get("type") in _METRICS_TYPES):
             raise ClaimError(f"{name}:{number}: not a batchgen metrics line")
         whole += len(raw)
         newline_missing = not raw.endswith(b"\n")

@@ -1,36 +1,48 @@
-"""Per-batch timing, the run summary of a job, and the summary as text."""
+"""Per-request timing, per-window engine figures, the run summary of a job, and its text."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from array import array
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
+from batchgen.engine import Timing, WindowStats
 
-@dataclass(frozen=True)
-class BatchStats:
-    """Timing of one batch; it rides on each of the batch's result lines."""
 
-    index: int
-    size: int
-    padded_length: int
-    prompt_tokens: int
-    generated_tokens: int
-    prefill_ms: float
-    decode_ms: float
+def timing_record(timing: Timing) -> dict[str, Any]:
+    """A result line's `timing`: where that request's time went."""
+    return {
+        "queue_ms": round(timing.queue_ms, 2),
+        "prefill_ms": round(timing.prefill_ms, 2),
+        "first_token_ms": round(timing.first_token_ms, 2),
+        "decode_ms": round(timing.decode_ms, 2),
+        "total_ms": round(timing.total_ms, 2),
+        "tokens_per_s": round(timing.tokens_per_s, 1),
+    }
 
-    @property
-    def latency_ms(self) -> float:
-        return self.prefill_ms + self.decode_ms
 
-    def record(self) -> dict[str, Any]:
-        tokens_per_s = 1e3 * self.generated_tokens / self.latency_ms if self.latency_ms else 0.0
-        record = asdict(self)
-        record["prefill_ms"] = round(self.prefill_ms, 2)
-        record["decode_ms"] = round(self.decode_ms, 2)
-        record["tokens_per_s"] = round(tokens_per_s, 1)
-        return record
+def window_record(stats: WindowStats, requests: int) -> dict[str, Any]:
+    """A result line's `window`, and the metrics file's window line: the engine's work from
+    the previous window to the step in which `requests` requests finished."""
+    ms = 1e3 * stats.seconds
+    record = asdict(stats)
+    del record["seconds"]
+    record.update(
+        requests=requests,
+        mean_rows=round(stats.mean_rows, 2),
+        occupancy=round(stats.occupancy, 4),
+        ms=round(ms, 2),
+        tokens_per_s=round(1e3 * stats.generated_tokens / ms, 1) if ms else 0.0,
+    )
+    return record
+
+
+def window_from_record(record: dict[str, Any]) -> WindowStats:
+    """The WindowStats a window record was written from (the Ray driver reads them back)."""
+    values = {f.name: record[f.name] for f in fields(WindowStats) if f.name != "seconds"}
+    return WindowStats(**values, seconds=record["ms"] / 1e3)
 
 
 @dataclass
@@ -41,46 +53,61 @@ class RunStats:
     failed: int = 0
     skipped: int = 0  # already in OUTPUT (--resume)
     failed_earlier: int = 0  # skipped lines whose OUTPUT line is an error
+    windows: int = 0
+    steps: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    padded_slots: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    row_steps: float = 0.0  # active rows summed over steps
+    occupancy_steps: float = 0.0  # cache occupancy summed over steps
+    # Per request, 8 bytes each: a million-line job holds 16 MB of them.
+    total_ms: array = field(default_factory=lambda: array("d"))
+    first_token_ms: array = field(default_factory=lambda: array("d"))
 
-    def add_batch(self, batch: BatchStats, failed: int = 0) -> None:
-        """Count a decoded batch; `failed` of its results could not be written as results."""
-        self.ok += batch.size - failed
+    def add_window(self, stats: WindowStats, timings: list[Timing], failed: int = 0) -> None:
+        """Count a window's finished requests; `failed` of them could not be written."""
+        self.ok += len(timings) - failed
         self.failed += failed
-        self.prompt_tokens += batch.prompt_tokens
-        self.generated_tokens += batch.generated_tokens
-        self.padded_slots += batch.size * batch.padded_length
-        self.latencies_ms.append(batch.latency_ms)
+        self.windows += 1
+        self.steps += stats.steps
+        self.prompt_tokens += stats.prompt_tokens
+        self.generated_tokens += stats.generated_tokens
+        self.row_steps += stats.mean_rows * stats.steps
+        self.occupancy_steps += stats.occupancy * stats.steps
+        self.total_ms.extend(t.total_ms for t in timings)
+        self.first_token_ms.extend(t.first_token_ms for t in timings)
 
     def summary(self, run_s: float, setup: dict[str, Any]) -> dict[str, Any]:
         """The final metrics line: throughput over generation wall time, setup kept apart."""
-        latencies = np.array(self.latencies_ms or [0.0])
-        p50, p90, p99 = (float(p) for p in np.percentile(latencies, [50, 90, 99]))
-        efficiency = self.prompt_tokens / self.padded_slots if self.padded_slots else 1.0
         return {
             "type": "summary",
             "requests_ok": self.ok,
             "requests_failed": self.failed,
             "requests_skipped": self.skipped,
             "requests_failed_earlier": self.failed_earlier,
-            "batches": len(self.latencies_ms),
+            "windows": self.windows,
+            "steps": self.steps,
             "prompt_tokens": self.prompt_tokens,
             "generated_tokens": self.generated_tokens,
             "run_s": round(run_s, 3),
             "requests_per_s": round(self.ok / run_s, 2) if run_s else 0.0,
             "generated_tokens_per_s": round(self.generated_tokens / run_s, 1) if run_s else 0.0,
-            "batch_latency_ms": {"p50": round(p50, 1), "p90": round(p90, 1), "p99": round(p99, 1)},
-            "padding_efficiency": round(efficiency, 4),
+            "latency_ms": _percentiles(self.total_ms),
+            "first_token_ms": _percentiles(self.first_token_ms),
+            "mean_rows": round(self.row_steps / self.steps, 2) if self.steps else 0.0,
+            "occupancy": round(self.occupancy_steps / self.steps, 4) if self.steps else 0.0,
             **setup,
         }
 
 
+def _percentiles(values: array) -> dict[str, float]:
+    data = np.frombuffer(values, np.float64) if len(values) else np.zeros(1)
+    p50, p90, p99 = (float(p) for p in np.percentile(data, [50, 90, 99]))
+    return {"p50": round(p50, 1), "p90": round(p90, 1), "p99": round(p99, 1)}
+
+
 def summary_text(summary: dict[str, Any], output_name: str) -> str:
     """The run summary for a person (stderr)."""
-    latency = summary["batch_latency_ms"]
+    latency, first = summary["latency_ms"], summary["first_token_ms"]
     head = f"batchgen run: {summary['requests_ok']} ok, {summary['requests_failed']} failed"
     if summary["requests_skipped"]:
         head += (
@@ -89,12 +116,13 @@ def summary_text(summary: dict[str, Any], output_name: str) -> str:
         )
     lines = [
         head,
-        f"  {summary['model']} on {summary['device']} {summary['dtype']}: {_setup_text(summary)}",
-        f"  {summary['generated_tokens']} tokens in {summary['batches']} batches, "
+        f"  {summary['model']} on {summary['device']} {summary['dtype']}, "
+        f"{summary['kv_cache']} KV cache: {_setup_text(summary)}",
+        f"  {summary['generated_tokens']} tokens in {summary['steps']} steps, "
         f"{summary['run_s']:.2f} s: {summary['requests_per_s']} requests/s, "
-        f"{summary['generated_tokens_per_s']} tokens/s",
-        f"  batch latency p50 {latency['p50']} ms, p90 {latency['p90']} ms, "
-        f"p99 {latency['p99']} ms; padding efficiency {100 * summary['padding_efficiency']:.1f}%",
+        f"{summary['generated_tokens_per_s']} tokens/s; {summary['mean_rows']} rows a step",
+        f"  latency p50 {latency['p50']} ms, p90 {latency['p90']} ms, p99 {latency['p99']} ms; "
+        f"first token p50 {first['p50']} ms, p99 {first['p99']} ms",
     ]
     if summary["requests_failed"] or summary["requests_failed_earlier"]:
         lines.append(f"  failed lines have error lines in {output_name}: exit code 3")

@@ -9,19 +9,18 @@ from typing import IO, Any
 
 import orjson
 
+from batchgen.engine import Completion
 from batchgen.job.inputs import JobLine, JsonId, LineError
+from batchgen.job.metrics import timing_record
 
 
 @dataclass(frozen=True)
 class Result:
-    """What one line produced, ready to be written."""
+    """What one line produced, ready to be written, and the window it finished in."""
 
     job: JobLine
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    token_ids: list[int]
-    batch: dict[str, Any]
+    completion: Completion
+    window: dict[str, Any]
 
 
 def result_line(result: Result, model: str, with_token_ids: bool) -> tuple[bytes, bool]:
@@ -44,27 +43,28 @@ def error_line(error: LineError) -> bytes:
 
 def result_record(result: Result, model: str, with_token_ids: bool) -> dict[str, Any]:
     """The output record for a finished request; `model` is the model that ran it."""
-    job = result.job
-    completion_tokens = len(result.token_ids)
+    job, completion = result.job, result.completion
+    timing = {"timing": timing_record(completion.timing), "window": result.window}
+    usage = {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+    }
     if job.form == "native":
         record: dict[str, Any] = {
             "id": job.id,
-            "text": result.text,
-            "finish_reason": result.finish_reason,
-            "usage": {
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": completion_tokens,
-            },
-            "batch": result.batch,
+            "text": completion.text,
+            "finish_reason": completion.finish_reason,
+            "usage": usage,
+            **timing,
         }
         if with_token_ids:
-            record["token_ids"] = result.token_ids
+            record["token_ids"] = completion.token_ids
         if job.metadata is not None:
             record["metadata"] = job.metadata
         return record
-    extra: dict[str, Any] = {"line": job.line, "batch": result.batch}
+    extra: dict[str, Any] = {"line": job.line, **timing}
     if with_token_ids:
-        extra["token_ids"] = result.token_ids
+        extra["token_ids"] = completion.token_ids
     body = {
         "id": f"cmpl-{uuid.uuid4().hex}",
         "object": "text_completion",
@@ -72,17 +72,13 @@ def result_record(result: Result, model: str, with_token_ids: bool) -> dict[str,
         "model": model,
         "choices": [
             {
-                "text": result.text,
+                "text": completion.text,
                 "index": 0,
                 "logprobs": None,
-                "finish_reason": result.finish_reason,
+                "finish_reason": completion.finish_reason,
             }
         ],
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": result.prompt_tokens + completion_tokens,
-        },
+        "usage": {**usage, "total_tokens": completion.prompt_tokens + usage["completion_tokens"]},
     }
     return _openai_record(job.id, 200, body, extra)
 
@@ -114,7 +110,7 @@ def _openai_record(
         "custom_id": custom_id,
         "response": {"status_code": status, "request_id": uuid.uuid4().hex, "body": body},
         "error": None,
-        "batchgen": extra,  # OpenAI readers ignore it; timing and the input line number
+        "batchgen": extra,  # OpenAI readers ignore it: the input line number, timing
     }
 
 

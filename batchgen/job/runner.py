@@ -1,19 +1,27 @@
-"""The batch job: input lines -> requests -> batches -> engine -> result lines, streamed."""
+"""The batch job: input lines -> requests -> engine -> result lines, streamed."""
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from tqdm import tqdm
 
-from batchgen.engine import ContextLengthError, Engine, Request
+from batchgen.engine import (
+    ContextLengthError,
+    Engine,
+    Request,
+    SchedulerConfig,
+    Timing,
+    WindowStats,
+)
 from batchgen.job.batching import JobRequest, pack
 from batchgen.job.inputs import Defaults, JobLine, JsonId, LineError, parse_line
 from batchgen.job.ledger import Claim, Done
-from batchgen.job.metrics import BatchStats, RunStats
+from batchgen.job.metrics import RunStats, window_record
 from batchgen.job.outputs import JobWriter, Result, error_line, result_line
 from batchgen.job.shards import Shard
 from batchgen.job.signals import Interrupted, SignalGuard
@@ -21,10 +29,10 @@ from batchgen.job.signals import Interrupted, SignalGuard
 
 @dataclass(frozen=True)
 class RunConfig:
-    """How a job is packed and reported."""
+    """How a job is scheduled and reported."""
 
-    batch_size: int = 16
-    window: int = 1024  # requests looked at together when grouping by length
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    window: int = 1024  # requests sorted by length before static batches are cut
     token_ids: bool = False  # also write each completion's token ids
     model_name: str = "gpt2"
     shard: Shard | None = None  # run only this shard's lines
@@ -41,36 +49,76 @@ def run_job(
 ) -> dict[str, Any]:
     """Run every line `output` does not already hold, one output line per input line.
 
-    Returns the run summary. A first SIGINT/SIGTERM abandons the batch in flight and ends the
-    run early ("interrupted" names the signal); OUTPUT holds only whole lines either way. An
-    engine failure propagates, also leaving only whole lines.
+    Returns the run summary. A first SIGINT/SIGTERM abandons the requests in flight and ends
+    the run early ("interrupted" names the signal); OUTPUT holds only whole lines either way.
+    An engine failure propagates, also leaving only whole lines.
     """
     stats = RunStats()
     admit = LineFilter(defaults, output.done, stats, config.shard).admit
     jobs = (job for number, raw in lines if (job := admit(number, raw)) is not None)
-    requests = map(LineTokenizer(engine).request, jobs)
-    setup_s = 0.0  # compiling the sampler mid-run is setup, not generation
+    items = map(LineTokenizer(engine).request, jobs)
+    sampler_s = engine.timings.sampler_compile_s
     interrupted: str | None = None
     with SignalGuard() as signals:
         sink = JobSink(output, metrics, stats, signals, progress)
         try:
-            for work in pack(requests, config.batch_size, config.window):
-                signals.check()
-                if isinstance(work, LineError):
-                    sink.error(work)
-                    continue
-                if any(not item.request.params.greedy for item in work):
-                    compile_start = time.perf_counter()
-                    engine.compile_sampler()  # a no-op once compiled
-                    setup_s += time.perf_counter() - compile_start
-                results, batch = run_batch(engine, work, len(stats.latencies_ms), signals.check)
+            for results, window in run_requests(engine, items, config, sink.error, signals.check):
                 written = [result_line(r, config.model_name, config.token_ids) for r in results]
-                sink.batch([line for line, _ in written], sum(not ok for _, ok in written), batch)
+                timings = [r.completion.timing for r in results]
+                failed = sum(not ok for _, ok in written)
+                sink.window([line for line, _ in written], failed, window, timings)
             signals.check()
         except Interrupted as error:
             interrupted = str(error)
-        setup = run_setup(config, interrupted, engine.device.label, engine.dtype, engine.timings)
+        # Compiling the sampler mid-run, the first time a line samples, is setup.
+        setup_s = engine.timings.sampler_compile_s - sampler_s
+        setup = run_setup(config, interrupted, engine)
         return sink.close(setup_s, setup)
+
+
+def run_requests(
+    engine: Engine,
+    items: Iterable[JobRequest | LineError],
+    config: RunConfig,
+    on_error: Callable[[LineError], None],
+    check: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[list[Result], WindowStats]]:
+    """Stream the requests through the engine; yield each window's results as they finish.
+
+    Error lines go to `on_error` as soon as they are read; `check` runs after every step (a
+    signal raised there abandons the requests in flight).
+    """
+    pending: dict[int, JobRequest] = {}
+    arrivals = itertools.count()
+
+    def requests() -> Iterator[Request]:
+        for item in _ordered(items, config):
+            if isinstance(item, LineError):
+                on_error(item)
+                continue
+            pending[next(arrivals)] = item
+            yield item.request
+
+    stream = engine.stream(requests(), lambda _step: check(), config.scheduler)
+    for window in stream:
+        record = window_record(window.stats, len(window.finished))
+        results = [Result(pending.pop(f.index).job, f.completion, record) for f in window.finished]
+        yield results, window.stats
+
+
+def _ordered(
+    items: Iterable[JobRequest | LineError], config: RunConfig
+) -> Iterator[JobRequest | LineError]:
+    """Continuous batching takes lines as they come; static batches are cut from lines sorted
+    by length within a window, so a batch's rows end at about the same time."""
+    if config.scheduler.policy == "continuous":
+        yield from items
+        return
+    for work in pack(items, config.scheduler.max_rows, config.window):
+        if isinstance(work, LineError):
+            yield work
+        else:
+            yield from work
 
 
 class JobSink:
@@ -103,13 +151,21 @@ class JobSink:
             self.writer.write(lines)
         self._advance(len(lines))
 
-    def batch(self, lines: list[bytes], failed: int, batch: BatchStats, **extra: Any) -> None:
-        """A decoded batch's lines; `failed` of them are error lines (results unwritable)."""
+    def window(
+        self,
+        lines: list[bytes],
+        failed: int,
+        window: WindowStats,
+        timings: list[Timing],
+        **extra: Any,
+    ) -> None:
+        """A window's finished lines; `failed` of them are error lines (results unwritable)."""
         with self.signals.shielded():
             self.writer.write(lines)
             if self.metrics:
-                self.metrics.write_record({"type": "batch", **batch.record(), **extra})
-        self.stats.add_batch(batch, failed=failed)
+                record = window_record(window, len(lines))
+                self.metrics.write_record({"type": "window", **record, **extra})
+        self.stats.add_window(window, timings, failed=failed)
         self._advance(len(lines))
 
     def close(self, setup_s: float, setup: dict[str, Any]) -> dict[str, Any]:
@@ -191,47 +247,26 @@ class LineTokenizer:
         return JobRequest(job, request)
 
 
-def run_batch(
-    engine: Engine, batch: list[JobRequest], index: int, check: Callable[[], None] = lambda: None
-) -> tuple[list[Result], BatchStats]:
-    """Decode one batch; `check` runs between steps (a signal raised there abandons it)."""
-    out = engine.generate([item.request for item in batch], lambda _step: check())
-    stats = BatchStats(
-        index=index,
-        size=len(batch),
-        padded_length=out.padded_length,
-        prompt_tokens=sum(c.prompt_tokens for c in out.completions),
-        generated_tokens=sum(c.completion_tokens for c in out.completions),
-        prefill_ms=1e3 * out.prefill_s,
-        decode_ms=1e3 * out.decode_s,
-    )
-    record = stats.record()
-    results = [
-        Result(item.job, c.text, c.finish_reason, c.prompt_tokens, c.token_ids, record)
-        for item, c in zip(batch, out.completions, strict=True)
-    ]
-    return results, stats
-
-
 def run_setup(
-    config: RunConfig,
-    interrupted: str | None,
-    device: str,
-    dtype: Any,
-    timings: dict[str, float] | None,
+    config: RunConfig, interrupted: str | None, engine: Engine | None, where: str = ""
 ) -> dict[str, Any]:
     """Where the run ran and what it cost before generating; kept apart from throughput.
 
-    `timings` is None where the engines load elsewhere (Ray actors): their setup is in run_s.
+    `engine` is None where the engines load elsewhere (Ray actors, described by `where`):
+    their setup is inside run_s.
     """
+    timings = asdict(engine.timings) if engine else {}
 
     def seconds(name: str) -> float | None:
-        return None if timings is None else round(timings.get(name, 0.0), 3)
+        return round(timings[name], 3) if engine else None
 
     return {
         "model": config.model_name,
-        "device": device,
-        "dtype": str(dtype).removeprefix("DType."),
+        "device": engine.device.label if engine else where,
+        "dtype": str(engine.dtype).removeprefix("DType.") if engine else None,
+        "kv_cache": engine.cache.kind if engine else None,
+        "schedule": config.scheduler.policy,
+        "max_rows": config.scheduler.max_rows,
         "load_s": seconds("load_s"),
         "compile_s": seconds("compile_s"),
         "sampler_compile_s": seconds("sampler_compile_s"),

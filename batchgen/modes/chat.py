@@ -55,8 +55,9 @@ class ReplyStream:
         self._show = show
 
     def on_step(self, step: Step) -> None:
-        """The engine's per-step callback for a batch of one."""
-        if step.active[0] and self.stream.push(int(step.tokens[0])):
+        """The engine's per-step callback for a request alone in its call."""
+        token = step.token_of(0)
+        if token is not None and self.stream.push(token):
             self._show(self.stream.text.lstrip())
 
     def finish(self) -> str:

@@ -45,9 +45,9 @@ def banner(engine: Engine, model: str) -> list[str]:
         f"Device: {engine.device.label}, dtype: {dtype}",
         f"Model: {model}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} embedding dim, "
         f"{c.n_positions} context, {parameter_count(c) / 1e6:.1f}M parameters",
-        f"Model init: {t['init_s']:.2f} s (lazy, no random weights materialised)",
-        f"Weights loaded: {t.get('load_s', 0.0):.2f} s",
-        f"To device + compile: {t['compile_s']:.2f} s",
+        "Model init: lazy (no random weights materialised)",
+        f"Weights loaded: {t.load_s:.2f} s",
+        f"To device + compile: {t.compile_s:.2f} s ({engine.cache.kind} KV cache)",
     ]
 
 

@@ -12,14 +12,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import orjson
 
+from batchgen.engine import Timing, WindowStats
 from batchgen.job import ledger
 from batchgen.job.inputs import Defaults
-from batchgen.job.metrics import BatchStats, RunStats
+from batchgen.job.metrics import RunStats, window_record
 from batchgen.job.runner import JobSink, LineFilter
 from batchgen.job.shards import Shard
 from batchgen.job.signals import SignalGuard
@@ -31,7 +32,7 @@ PROMPT = "The history of natural language processing began in the 1950s, when"
 class ScaleBenchConfig:
     lines: int = 128
     max_tokens: int = 32
-    batch_size: int = 16
+    batch_size: int = 32
     actors: int = 2
     writer_lines: int = 100_000
 
@@ -95,15 +96,17 @@ def _filter_us_per_line(n: int) -> float:
 
 def _writer_us_per_line(path: Path, n: int, ray: bool) -> float:
     """What the writer spends per result line it is handed: the local run's JobSink, or the
-    Ray driver's (which also groups a block's rows by engine batch and reads their timing)."""
+    Ray driver's (which also groups a block's rows by engine window and reads their timing)."""
     from batchgen.scale.ray_data import write_rows
 
     text = " and then the model wrote a sentence of quite ordinary length."
-    record = {"id": 12345, "text": text, "finish_reason": "length", "usage": {}, "batch": {}}
+    record = {"id": 12345, "text": text, "finish_reason": "length", "usage": {}, "timing": {}}
     line = orjson.dumps(record) + b"\n"
-    stats = BatchStats(0, 16, 16, 256, 512, 10.0, 100.0)
-    timing = orjson.dumps({"worker": "host:1", **stats.record()})
-    block = {"output": [line] * 16, "ok": [True] * 16, "batch": [timing] * 16}
+    stats = WindowStats(0, 4, 16.0, 0.5, 256, 64, 0.4)
+    timing = Timing(1.0, 30.0, 300.0, 32)
+    window = orjson.dumps({"worker": "host:1", **window_record(stats, 16)})
+    rows = {"window": [window] * 16, "timing": [orjson.dumps(asdict(timing))] * 16}
+    block = {"output": [line] * 16, "ok": [True] * 16, **rows}
     claim = ledger.claim(path, resume=False, overwrite=False)
     try:
         with SignalGuard() as signals:
@@ -113,7 +116,7 @@ def _writer_us_per_line(path: Path, n: int, ray: bool) -> float:
                 if ray:
                     write_rows(sink, block)
                 else:
-                    sink.batch(block["output"], 0, stats)
+                    sink.window(block["output"], 0, stats, [timing] * 16)
             elapsed = time.perf_counter() - start
     finally:
         claim.close()

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,14 +26,20 @@ import pyarrow.compute  # noqa: F401, I001
 import ray
 from ray.data import ActorPoolStrategy
 
-from batchgen.engine.sampling import SamplingParams
-from batchgen.job.batching import pack
+from batchgen.engine import EngineConfig, SamplingParams, SchedulerConfig, Timing
 from batchgen.job.inputs import Defaults, JobLine, LineError, parse_line
 from batchgen.job.launch import JobError, load_engine
 from batchgen.job.ledger import Claim
-from batchgen.job.metrics import BatchStats, RunStats
+from batchgen.job.metrics import RunStats, window_from_record
 from batchgen.job.outputs import error_line, result_line
-from batchgen.job.runner import JobSink, LineFilter, LineTokenizer, RunConfig, run_batch, run_setup
+from batchgen.job.runner import (
+    JobSink,
+    LineFilter,
+    LineTokenizer,
+    RunConfig,
+    run_requests,
+    run_setup,
+)
 from batchgen.job.signals import Interrupted, SignalGuard
 
 if TYPE_CHECKING:
@@ -42,7 +48,8 @@ if TYPE_CHECKING:
 
     from batchgen.job.launch import JobOptions
 
-# Lines handed to an actor per call: several engine batches, so it can group them by length.
+# Lines handed to an actor per call: several times the rows it runs at once, so that the
+# engine refills finished rows from the same call for most of it.
 BATCHES_PER_CALL = 4
 MAX_TASK_RETRIES = 3
 
@@ -58,9 +65,13 @@ class RayConfig:
     model: str = "gpt2"
     device: str = "auto"
     dtype: str = "auto"
+    kv_cache: str = "auto"
+    kv_cache_gb: float | None = None
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None  # base seed for rows without their own, as `batchgen run --seed`
-    batch_size: int = 16
+    batch_size: int = 32  # rows each actor's engine runs at once
+    schedule: str = "continuous"
+    step_tokens: int = 512
     actors: int = 1
     cpus_per_actor: float | None = None  # None: 1, or less so that Ray Data keeps a CPU
     gpus_per_actor: float = 0.0
@@ -124,11 +135,16 @@ class Generator:
 
     def __init__(self, config: RayConfig):
         self.config = config
-        self.engine = load_engine(config.model, config.device, config.dtype)
+        scheduler = SchedulerConfig(config.schedule, config.batch_size, config.step_tokens)
+        engine_config = EngineConfig(
+            config.device, config.dtype, config.kv_cache, config.kv_cache_gb, scheduler
+        )
+        self.engine = load_engine(config.model, engine_config)
+        self.run_config = RunConfig(scheduler, token_ids=config.token_ids, model_name=config.model)
         self.tokenizer = LineTokenizer(self.engine)
         self.defaults = Defaults(config.params, config.seed)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
-        self.batches = 0
+        self.windows = 0  # this actor's windows so far, over all calls
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import pyarrow as pa
@@ -140,20 +156,22 @@ class Generator:
         return pa.Table.from_pylist([_result_row(row) for row in self._rows(batch.to_pylist())])
 
     def run_lines(self, lines: list[tuple[int, bytes]]) -> Iterator[dict[str, Any]]:
-        """An output row per line: its output line, whether it is a result, its batch's timing."""
+        """An output row per line: its output line, whether it is a result, the window it
+        finished in (with this actor's name) and its timing; error lines have neither."""
         items = [self.tokenizer.request(parse_line(n, raw, self.defaults)) for n, raw in lines]
-        for work in pack(items, self.config.batch_size, len(items)):
-            if isinstance(work, LineError):
-                yield {"line": work.line, "output": error_line(work), "ok": False, "batch": None}
-                continue
-            if any(not item.request.params.greedy for item in work):
-                self.engine.compile_sampler()
-            results, stats = run_batch(self.engine, work, self.batches)
-            self.batches += 1
-            batch = orjson.dumps({"worker": self.worker, **stats.record()})
+        errors: list[LineError] = []
+        first = self.windows
+        for results, _ in run_requests(self.engine, items, self.run_config, errors.append):
+            yield from _error_rows(errors)
+            self.windows += 1
             for result in results:
                 line, ok = result_line(result, self.config.model, self.config.token_ids)
-                yield {"line": result.job.line, "output": line, "ok": ok, "batch": batch}
+                index = first + result.window["index"]  # each call's windows count from 0
+                window = orjson.dumps({"worker": self.worker, **result.window, "index": index})
+                timing = orjson.dumps(asdict(result.completion.timing))
+                yield {"line": result.job.line, "output": line, "ok": ok, "window": window,
+                       "timing": timing}  # fmt: skip
+        yield from _error_rows(errors)
 
     def _rows(self, rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         lines = []
@@ -163,6 +181,14 @@ class Generator:
                 given["id"] = None
             lines.append((number, orjson.dumps(given)))
         yield from self.run_lines(lines)
+
+
+def _error_rows(errors: list[LineError]) -> Iterator[dict[str, Any]]:
+    """The error lines gathered so far (a prompt too long, say), as output rows; clears them."""
+    for error in errors:
+        yield {"line": error.line, "output": error_line(error), "ok": False, "window": None,
+               "timing": None}  # fmt: skip
+    errors.clear()
 
 
 def _result_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -216,9 +242,13 @@ def run_ray_job(
         model=options.model,
         device=options.device,
         dtype=options.dtype,
+        kv_cache=options.kv_cache,
+        kv_cache_gb=options.kv_cache_gb,
         params=defaults.params,
         seed=defaults.seed,
         batch_size=options.batch_size,
+        schedule=options.schedule,
+        step_tokens=options.step_tokens,
         actors=options.actors,
         cpus_per_actor=options.cpus_per_actor,
         gpus_per_actor=options.gpus_per_actor,
@@ -265,27 +295,26 @@ def _write(
             signals.check()
         except Interrupted as error:
             interrupted = str(error)
-        device = f"ray ({options.actors} actors, device {options.device})"
-        setup = run_setup(config, interrupted, device, options.dtype, None)
+        where = f"ray ({options.actors} actors, device {options.device})"
+        setup = run_setup(config, interrupted, None, where)
         return sink.close(0.0, setup)
 
 
-def write_rows(sink: JobSink, batch: dict[str, Any]) -> None:
-    """The actors' rows of one block, written per engine batch (a metrics line each)."""
-    by_batch: dict[bytes | None, list[int]] = {}
-    for i, key in enumerate(batch["batch"]):
-        by_batch.setdefault(key, []).append(i)
-    for key, rows in by_batch.items():
-        lines = [bytes(batch["output"][i]) for i in rows]
+def write_rows(sink: JobSink, block: dict[str, Any]) -> None:
+    """The actors' rows of one block, written per engine window (a metrics line each)."""
+    by_window: dict[bytes | None, list[int]] = {}
+    for i, key in enumerate(block["window"]):
+        by_window.setdefault(key, []).append(i)
+    for key, rows in by_window.items():
+        lines = [bytes(block["output"][i]) for i in rows]
         if key is None:  # error lines the actors wrote (a prompt too long, say)
             sink.error_lines(lines)
             continue
         record = orjson.loads(key)
         worker = record.pop("worker")
-        del record["tokens_per_s"]
-        stats = BatchStats(**record)
-        failed = sum(not batch["ok"][i] for i in rows)
-        sink.batch(lines, failed, stats, worker=worker)
+        timings = [Timing(**orjson.loads(block["timing"][i])) for i in rows]
+        failed = sum(not block["ok"][i] for i in rows)
+        sink.window(lines, failed, window_from_record(record), timings, worker=worker)
 
 
 def check_reachable(address: str | None) -> None:

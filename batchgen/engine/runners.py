@@ -1,0 +1,129 @@
+"""How one scheduled step runs on each KV cache: the compiled graph and its inputs.
+
+A step is one ragged call: the decode rows' last tokens and the prompt chunks, concatenated.
+`SlotRunner` adds each row's slot and start (`SlotGPT2`, CPU); `PagedRunner` adds MAX's paged
+cache inputs (`PagedGPT2`, GPU). Each compiles once, for any number of rows and any lengths,
+and only reads the row state: the engine owns it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from max.driver import Device
+from max.dtype import DType
+from max.experimental import functional as F
+from max.experimental.tensor import default_device, default_dtype
+from max.graph import DeviceRef
+
+from batchgen.engine.kernels import built_package
+from batchgen.engine.kv_cache import PagedCache, SlotCache
+from batchgen.engine.model import (
+    GPT2Config,
+    ModelOutputs,
+    PagedGPT2,
+    RaggedInputs,
+    SlotGPT2,
+    SlotInputs,
+    slot_cache_types,
+)
+from batchgen.engine.scheduler import Row, StepPlan
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """A step's outputs: output row i belongs to rows[i], or to a prompt chunk that does not
+    end its prompt (None), whose logits mean nothing yet."""
+
+    rows: list[Row | None]
+    outputs: ModelOutputs
+
+
+class Runner(Protocol):
+    def run(self, plan: StepPlan) -> Emitted: ...
+
+
+class SlotRunner:
+    def __init__(
+        self,
+        config: GPT2Config,
+        weights: Mapping[str, Any],
+        dtype: DType,
+        device: Device,
+        cache: SlotCache,
+    ):
+        self.device = device
+        self.cache = cache
+        kernel = built_package()
+        # Lazy: parameters are declared, never initialised; `weights=` supplies them. The
+        # dtype and device are explicit because MAX's defaults differ between CPU and GPU.
+        with F.lazy(), default_dtype(dtype), default_device(device):
+            model = SlotGPT2(config)
+        where = DeviceRef.from_device(device)
+        self._graph = model.compile(
+            *SlotInputs.types(where),
+            *slot_cache_types(config, dtype, where),
+            weights=weights,
+            custom_extensions=[kernel],
+        )
+
+    def run(self, plan: StepPlan) -> Emitted:
+        rows, ragged = ragged_step(plan)
+        inputs = SlotInputs(
+            ragged.tokens,
+            ragged.positions,
+            ragged.row_offsets,
+            slots=np.array([self.cache.slot(r.index) for r in rows], np.int64),
+            starts=np.array([r.computed for r in rows], np.int64),
+        )
+        outputs = self._graph(*inputs.buffers(self.device), *self.cache.buffers)
+        return Emitted(emitting(plan), ModelOutputs(*outputs))
+
+
+class PagedRunner:
+    def __init__(
+        self,
+        config: GPT2Config,
+        weights: Mapping[str, Any],
+        dtype: DType,
+        device: Device,
+        cache: PagedCache,
+    ):
+        self.device = device
+        self.cache = cache
+        with F.lazy(), default_dtype(dtype), default_device(device):
+            model = PagedGPT2(config, cache.params)
+        where = DeviceRef.from_device(device)
+        self._graph = model.compile(
+            *RaggedInputs.types(where), *cache.params.flattened_kv_inputs(), weights=weights
+        )
+
+    def run(self, plan: StepPlan) -> Emitted:
+        rows, ragged = ragged_step(plan)
+        new = np.diff(ragged.row_offsets).tolist()
+        kv = self.cache.kv_inputs([r.index for r in rows], [r.computed for r in rows], new)
+        outputs = self._graph(*ragged.buffers(self.device), *kv)
+        return Emitted(emitting(plan), ModelOutputs(*outputs))
+
+
+def ragged_step(plan: StepPlan) -> tuple[list[Row], RaggedInputs]:
+    """The step's rows (decode rows first) and their new tokens, concatenated."""
+    rows = [*plan.decode, *(row for row, _ in plan.prefill)]
+    pieces = [[row.generated[-1]] for row in plan.decode]
+    pieces += [row.prompt[row.computed : row.computed + n] for row, n in plan.prefill]
+    counts = [len(p) for p in pieces]
+    positions = [np.arange(r.computed, r.computed + n) for r, n in zip(rows, counts, strict=True)]
+    return rows, RaggedInputs(
+        tokens=np.concatenate([np.asarray(p, np.int64) for p in pieces]),
+        positions=np.concatenate(positions).astype(np.int64),
+        row_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32),
+    )
+
+
+def emitting(plan: StepPlan) -> list[Row | None]:
+    """Per step row, the row if it gets a token this step (None: its prompt goes on)."""
+    ends = [row if row.computed + n == len(row.prompt) else None for row, n in plan.prefill]
+    return [*plan.decode, *ends]

@@ -1,0 +1,141 @@
+"""Which rows run each step, as vLLM's scheduler does it: the state lives on each row, the
+decisions here, the execution in the engine.
+
+Every step decodes all rows past their prompt and, within a per-step budget of prompt tokens,
+continues prompts already admitted (long ones a chunk at a time) and admits waiting requests
+while the cache has room and fewer than `max_rows` rows are active. A finished row leaves at
+once. The static policy admits only into an empty engine, a full batch at a time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from batchgen.engine.kv_cache import KVCache
+from batchgen.engine.sampling import SamplingParams
+from batchgen.engine.textstream import TextStream
+
+Policy = Literal["continuous", "static"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How rows are admitted; one place per knob, each checked here."""
+
+    policy: Policy = "continuous"
+    max_rows: int = 32  # active rows at most (`--batch-size`)
+    step_tokens: int = 512  # prompt tokens prefilled per step, beside the decode rows
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("continuous", "static"):
+            raise ValueError(f"invalid policy: {self.policy!r}")
+        if self.max_rows < 1:
+            raise ValueError(f"invalid max_rows: {self.max_rows!r}")
+        if self.step_tokens < 1:
+            raise ValueError(f"invalid step_tokens: {self.step_tokens!r}")
+
+
+@dataclass
+class Row:
+    """One request in the engine: its prompt, what it has produced, and when."""
+
+    index: int  # arrival order in the stream
+    prompt: Sequence[int]
+    params: SamplingParams
+    seed: int
+    arrived: float
+    stream: TextStream | None = None  # watches the text for stop strings
+    computed: int = 0  # tokens whose keys and values are in the cache
+    generated: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    admitted: float | None = None
+    first_token: float | None = None
+    finished: float | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Cache positions the row may need: its prompt and every token it may generate."""
+        return len(self.prompt) + self.params.max_tokens
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.prompt)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step: rows decoding their last token, and prompt chunks (row, tokens) to prefill."""
+
+    decode: list[Row]
+    prefill: list[tuple[Row, int]]
+
+    @property
+    def rows(self) -> int:
+        return len(self.decode) + len(self.prefill)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(n for _, n in self.prefill)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, cache: KVCache):
+        self.config = config
+        self.cache = cache
+        self.waiting: deque[Row] = deque()
+        self.running: list[Row] = []  # in admission order
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, row: Row) -> None:
+        if not self.cache.fits(row.tokens):
+            raise ValueError(
+                f"the request needs {row.tokens} tokens of KV cache; the whole cache holds "
+                "fewer: raise --kv-cache-gb"
+            )
+        self.waiting.append(row)
+
+    def schedule(self, now: float) -> StepPlan:
+        """The next step's work; admits waiting rows (reserving their cache) as it goes."""
+        decode = [row for row in self.running if not row.prefilling]
+        budget = max(self.config.step_tokens - len(decode), 0)
+        static = self.config.policy == "static"
+        if not static or not self.running:
+            # Continuous: admit while this step has prompt budget left over; static: a whole
+            # batch, whose prompts then share the budget over the next steps.
+            spare = budget - sum(len(r.prompt) - r.computed for r in self.running if r.prefilling)
+            while (
+                self.waiting and len(self.running) < self.config.max_rows and (static or spare > 0)
+            ):
+                row = self.waiting[0]
+                if not self.cache.admit(row.index, row.tokens):
+                    break  # first come, first served: nothing overtakes a row that waits
+                self.waiting.popleft()
+                row.admitted = now
+                self.running.append(row)
+                spare -= len(row.prompt)
+        prefill: list[tuple[Row, int]] = []
+        for row in self.running:
+            if row.prefilling and budget:
+                chunk = min(len(row.prompt) - row.computed, budget)
+                prefill.append((row, chunk))
+                budget -= chunk
+        return StepPlan(decode, prefill)
+
+    def finish(self, row: Row) -> None:
+        """The row is done: it leaves now and its cache goes back."""
+        self.running.remove(row)
+        self.cache.release(row.index)
+
+    def abandon(self) -> None:
+        """Drop every row (the caller stopped reading): all cache goes back."""
+        for row in self.running:
+            self.cache.release(row.index)
+        self.running.clear()
+        self.waiting.clear()

@@ -1,0 +1,123 @@
+"""batchgen's Mojo slot attention against NumPy: decode rows, prompt chunks, any slots."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from max.driver import CPU, Buffer
+from max.dtype import DType
+from max.experimental import compilation
+from max.experimental import functional as F
+from max.graph import BufferType, DeviceRef, TensorType
+
+from batchgen.engine.kernels import built_package
+
+H, SLOTS, MAXLEN = 3, 6, 1040
+
+
+def _slot_attention(q, k, v, k_cache, v_cache, row_offsets, slots, starts):
+    (out,) = F.inplace_custom(
+        "slot_attention",
+        device=DeviceRef.CPU(),
+        values=[q, k, v, k_cache.__buffervalue__(), v_cache.__buffervalue__(),
+                row_offsets, slots, starts],
+        out_types=[TensorType(DType.float32, q.shape, device=DeviceRef.CPU())],
+    )  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def slot_attention():
+    cpu = DeviceRef.CPU()
+    tokens = TensorType(DType.float32, ["tokens", H, "head_dim"], device=cpu)
+    cache = BufferType(DType.float32, ["slots", H, "maxlen", "head_dim"], device=cpu)
+    return compilation.compile(
+        _slot_attention, name="slot_attention_test", custom_extensions=[built_package()]
+    )(
+        tokens, tokens, tokens, cache, cache,
+        TensorType(DType.uint32, ["rows_plus_one"], device=cpu),
+        TensorType(DType.int64, ["rows"], device=cpu),
+        TensorType(DType.int64, ["rows"], device=cpu),
+    )  # fmt: skip
+
+
+def reference(q, k, v, k_cache, v_cache, offsets, slots, starts):
+    """Write each row's new K/V into a copy of the caches, then attend causally in float64."""
+    k_cache, v_cache = k_cache.copy(), v_cache.copy()
+    out = np.zeros_like(q)
+    for b, (slot, start) in enumerate(zip(slots, starts, strict=True)):
+        rows = slice(offsets[b], offsets[b + 1])
+        n = offsets[b + 1] - offsets[b]
+        k_cache[slot, :, start : start + n] = k[rows].transpose(1, 0, 2)
+        v_cache[slot, :, start : start + n] = v[rows].transpose(1, 0, 2)
+        keys = k_cache[slot, :, : start + n].astype(np.float64)  # [H, L, D]
+        values = v_cache[slot, :, : start + n].astype(np.float64)
+        scale = 1 / np.sqrt(q.shape[-1])
+        scores = np.einsum("nhd,hld->nhl", q[rows].astype(np.float64), keys) * scale
+        causal = np.arange(start + n)[None, :] <= (start + np.arange(n))[:, None]  # [n, L]
+        scores = np.where(causal[:, None, :], scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        out[rows] = np.einsum("nhl,hld->nhd", weights, values)
+    return out, k_cache, v_cache
+
+
+def run(slot_attention, rng, rows: list[tuple[int, int, int]], head_dim: int = 64):
+    """rows: (slot, tokens cached before, new tokens) per row; returns the op's and NumPy's
+    outputs and caches."""
+    D = head_dim
+    offsets = np.concatenate([[0], np.cumsum([n for _, _, n in rows])]).astype(np.uint32)
+    total = int(offsets[-1])
+    q, k, v = (rng.standard_normal((total, H, D), dtype=np.float32) for _ in range(3))
+    k_cache = rng.standard_normal((SLOTS, H, MAXLEN, D), dtype=np.float32)
+    v_cache = rng.standard_normal((SLOTS, H, MAXLEN, D), dtype=np.float32)
+    slots = np.array([s for s, _, _ in rows], np.int64)
+    starts = np.array([c for _, c, _ in rows], np.int64)
+    expected = reference(q, k, v, k_cache, v_cache, offsets, slots, starts)
+    k_buffer, v_buffer = Buffer.from_numpy(k_cache.copy()), Buffer.from_numpy(v_cache.copy())
+    out = slot_attention(
+        *(Buffer.from_numpy(a) for a in (q, k, v)), k_buffer, v_buffer,
+        *(Buffer.from_numpy(a) for a in (offsets, slots, starts)),
+    )  # fmt: skip
+    got = (out.to(CPU()).to_numpy(), k_buffer.to_numpy(), v_buffer.to_numpy())
+    return got, expected
+
+
+def assert_matches(got, expected) -> None:
+    np.testing.assert_allclose(got[0], expected[0], atol=2e-5, rtol=0)
+    np.testing.assert_array_equal(got[1], expected[1])  # the new K/V land exactly there
+    np.testing.assert_array_equal(got[2], expected[2])
+
+
+def test_decode_rows_of_lengths_1_to_1024_in_out_of_order_slots(slot_attention):
+    rng = np.random.default_rng(0)
+    # (slot, cached, new): slots out of order, a row at an empty slot, one at maxlen.
+    rows = [(4, 0, 1), (1, 1023, 1), (5, 7, 1), (0, 300, 1), (2, MAXLEN - 1, 1), (3, 64, 1)]
+    assert_matches(*run(slot_attention, rng, rows))
+
+
+def test_prompt_chunks_and_decode_rows_in_one_call(slot_attention):
+    rng = np.random.default_rng(1)
+    # Whole prompts, chunks that continue a prompt, and decode rows; chunk lengths around
+    # the kernel's query block of 4 (1, 3, 4, 5, 9) and long (900).
+    rows = [(2, 0, 900), (0, 10, 1), (5, 128, 5), (1, 0, 3), (4, 33, 4), (3, 0, 9)]
+    assert_matches(*run(slot_attention, rng, rows))
+    assert_matches(*run(slot_attention, rng, [(1, 124, MAXLEN - 124)]))  # up to maxlen
+
+
+def test_one_row_and_no_new_tokens(slot_attention):
+    rng = np.random.default_rng(2)
+    assert_matches(*run(slot_attention, rng, [(0, 0, 1)]))
+    assert_matches(*run(slot_attention, rng, [(3, 5, 0), (1, 2, 6)]))
+
+
+@pytest.mark.parametrize("head_dim", [8, 16, 32, 128])
+def test_every_head_size_it_is_built_for(slot_attention, head_dim):
+    rng = np.random.default_rng(head_dim)
+    rows = [(1, 0, 37), (4, 200, 1), (0, 12, 4), (2, 0, 2)]
+    assert_matches(*run(slot_attention, rng, rows, head_dim))
+
+
+def test_a_head_size_it_is_not_built_for_is_refused(slot_attention):
+    with pytest.raises(ValueError, match="head_dim must be 8, 16, 32, 64 or 128"):
+        run(slot_attention, np.random.default_rng(3), [(0, 0, 1)], head_dim=48)
