@@ -25,6 +25,7 @@ from batchgen.job.signals import Interrupted, raise_on_signals, restore_default_
 EXIT_LINES_FAILED = 3
 SEED = click.IntRange(0, 2**64 - 1)
 JSONL_FILE = click.Path(dir_okay=False, allow_dash=True)  # "-": stdin or stdout
+BENCH_WORKLOADS = ("uniform", "step", "mixed", "long")  # as batchgen.modes.bench runs them
 
 
 def main() -> None:
@@ -179,7 +180,7 @@ def cli() -> None:
 @click.option(
     "--step-tokens",
     type=click.IntRange(min=1),
-    default=512,
+    default=2048,
     show_default=True,
     help="Prompt tokens prefilled per step beside the decoding rows; longer prompts go in chunks.",
 )
@@ -519,7 +520,21 @@ def generate(
     "--repeats", type=click.IntRange(min=1), default=3, show_default=True,
     help="Timed runs per figure.",
 )  # fmt: skip
-@click.option("--batch-sizes", default="1,8,32", show_default=True)
+@click.option(
+    "--workloads",
+    default="uniform,step,mixed,long",
+    show_default=True,
+    help="Which to run, comma-separated: uniform (batches vs HF generate), step (decode "
+    "step and its profile), mixed (a mixed job vs --schedule static and an HF loop), long "
+    "(long prompts).",
+)
+@click.option(
+    "--batch-sizes", default="1,8,32,64", show_default=True, help="Uniform batches."
+)  # fmt: skip
+@click.option(
+    "--lines", type=click.IntRange(min=1), default=128, show_default=True,
+    help="Lines in the mixed job (and in the --backends job).",
+)  # fmt: skip
 @click.option(
     "--backends",
     is_flag=True,
@@ -530,19 +545,31 @@ def generate(
     "--actors", type=click.IntRange(min=1), default=2, show_default=True,
     help="Ray actors, with --backends.",
 )  # fmt: skip
-@click.option(
-    "--lines", type=click.IntRange(min=1), default=128, show_default=True,
-    help="Lines in the job, with --backends.",
-)  # fmt: skip
 def bench(
-    model: Path | None, repeats: int, batch_sizes: str, backends: bool, actors: int, lines: int
+    model: Path | None,
+    repeats: int,
+    workloads: str,
+    batch_sizes: str,
+    lines: int,
+    backends: bool,
+    actors: int,
 ) -> None:
-    """Print engine tokens/s next to Hugging Face generate, measured in the same run."""
+    """Print batchgen's throughput next to Hugging Face and to itself, measured in one run."""
     sizes = _batch_sizes(batch_sizes)
+    chosen = tuple(w.strip() for w in workloads.split(",") if w.strip())
+    if not chosen or set(chosen) - set(BENCH_WORKLOADS):
+        known = ", ".join(BENCH_WORKLOADS)
+        raise click.BadParameter(f"{workloads!r}: choose from {known}", param_hint="--workloads")
     from batchgen.modes import bench as bench_module
     from batchgen.scale import bench as scale_bench
 
-    config = bench_module.BenchConfig(batch_sizes=sizes, repeats=repeats)
+    config = bench_module.BenchConfig(
+        workloads=chosen,
+        batch_sizes=sizes,
+        hf_batch_sizes=tuple(b for b in sizes if b <= 32),
+        repeats=repeats,
+        mixed_lines=lines,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
             from batchgen.testing import write_random_checkpoint

@@ -225,7 +225,7 @@ def test_context_limit_is_refused_before_any_graph_runs(engine, prompt_ids, monk
         def run(self, plan):
             raise AssertionError("a graph ran")
 
-    monkeypatch.setattr(engine, "_runner", NoGraph())
+    monkeypatch.setattr(engine, "runner", NoGraph())
     limit = engine.config.n_positions
     ok = Request(prompt_ids[0], GREEDY)
     too_long = Request([15496] * (limit - 10), SamplingParams(max_tokens=11))

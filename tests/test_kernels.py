@@ -5,40 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from max.driver import CPU, Buffer
-from max.dtype import DType
-from max.experimental import compilation
-from max.experimental import functional as F
-from max.graph import BufferType, DeviceRef, TensorType
 
-from batchgen.engine.kernels import built_package
+from batchgen.engine.kernels import standalone_slot_attention
 
 H, SLOTS, MAXLEN = 3, 6, 1040
 
 
-def _slot_attention(q, k, v, k_cache, v_cache, row_offsets, slots, starts):
-    (out,) = F.inplace_custom(
-        "slot_attention",
-        device=DeviceRef.CPU(),
-        values=[q, k, v, k_cache.__buffervalue__(), v_cache.__buffervalue__(),
-                row_offsets, slots, starts],
-        out_types=[TensorType(DType.float32, q.shape, device=DeviceRef.CPU())],
-    )  # fmt: skip
-    return out
-
-
 @pytest.fixture(scope="module")
 def slot_attention():
-    cpu = DeviceRef.CPU()
-    tokens = TensorType(DType.float32, ["tokens", H, "head_dim"], device=cpu)
-    cache = BufferType(DType.float32, ["slots", H, "maxlen", "head_dim"], device=cpu)
-    return compilation.compile(
-        _slot_attention, name="slot_attention_test", custom_extensions=[built_package()]
-    )(
-        tokens, tokens, tokens, cache, cache,
-        TensorType(DType.uint32, ["rows_plus_one"], device=cpu),
-        TensorType(DType.int64, ["rows"], device=cpu),
-        TensorType(DType.int64, ["rows"], device=cpu),
-    )  # fmt: skip
+    return standalone_slot_attention(H)
 
 
 def reference(q, k, v, k_cache, v_cache, offsets, slots, starts):

@@ -223,20 +223,21 @@ class Engine:
         # Sized by the model, whose vocabulary may be padded past the tokenizer's.
         self.vocab_bytes = token_bytes(tokenizer, self.config.vocab_size)
         self.timings = EngineTimings()
+        self.weights_bytes = sum(_nbytes(w) for w in checkpoint.weights.values())
         start = time.perf_counter()
         kind = resolve_kv_cache(config.kv_cache, device, dtype, self.config)
         budget = kv_cache_bytes(config, device)
         rows = config.scheduler.max_rows
         self.cache: KVCache
-        self._runner: Runner
+        self.runner: Runner
         if kind == "slots":
             slots = SlotCache.within(budget, rows, self.config, dtype, device)
             self.cache = slots
-            self._runner = SlotRunner(self.config, checkpoint.weights, dtype, device, slots)
+            self.runner = SlotRunner(self.config, checkpoint.weights, dtype, device, slots)
         else:
             pages = PagedCache.within(budget, rows, self.config, dtype, device)
             self.cache = pages
-            self._runner = PagedRunner(self.config, checkpoint.weights, dtype, device, pages)
+            self.runner = PagedRunner(self.config, checkpoint.weights, dtype, device, pages)
         self.timings.compile_s = time.perf_counter() - start
         self._sampler: Sampler | None = None
 
@@ -344,7 +345,7 @@ class Engine:
     ) -> list[Finished]:
         plan = scheduler.schedule(time.perf_counter())
         clock.step(plan.rows, plan.prompt_tokens, self.cache.occupancy)
-        emitted = self._runner.run(plan)
+        emitted = self.runner.run(plan)
         for row in plan.decode:
             row.computed += 1
         for row, n in plan.prefill:
@@ -400,6 +401,10 @@ class Engine:
         else:
             text = row.stream.text + row.stream.finish()  # empty once a stop string was seen
         return Completion(row.generated, row.finish_reason, len(row.prompt), text, timing)
+
+
+def _nbytes(array: np.ndarray | torch.Tensor) -> int:
+    return array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size()
 
 
 def check_stop(row: Row, eos: int) -> FinishReason | None:

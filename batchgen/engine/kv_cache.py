@@ -8,7 +8,7 @@ backend per platform):
   the null page unused lookup entries point at); a row holds the pages its prompt and
   `max_tokens` need, reserved when it is admitted. MAX's ragged kernels read it.
 
-Both are sized from a memory budget and allocated once, on the device, zeroed.
+Both are sized from a memory budget and allocated once, on the device.
 """
 
 from __future__ import annotations
@@ -55,6 +55,11 @@ class KVCache(Protocol):
         """No row holds any of it."""
         ...
 
+    @property
+    def nbytes(self) -> int:
+        """The memory it holds on its device."""
+        ...
+
 
 def bytes_per_token(config: GPT2Config, dtype: DType) -> int:
     """One position's keys and values across all layers."""
@@ -72,8 +77,10 @@ class SlotCache:
         self.maxlen = config.n_positions
         self.slots = slots
         shape = [slots, config.n_head, self.maxlen, config.head_dim]
-        # Zeroed once: a slot's positions are always written before they are read.
-        self.buffers = [Buffer.zeros(shape, dtype, device) for _ in range(2 * config.n_layer)]
+        # Not zeroed: a slot's positions are always written before they are read (the kernel
+        # reads only [0, pos]), so memory is touched only as rows use it. Zeroing would
+        # cost seconds at start-up and commit the whole budget at once.
+        self.buffers = [Buffer(dtype, shape, device) for _ in range(2 * config.n_layer)]
         self._free = list(range(slots))  # a heap: the lowest free slot goes first
         self._slot_of: dict[int, int] = {}
         self._views: dict[int, list[Buffer]] = {}
@@ -116,6 +123,10 @@ class SlotCache:
     def idle(self) -> bool:
         return not self._slot_of and len(self._free) == self.slots
 
+    @property
+    def nbytes(self) -> int:
+        return sum(b.num_elements * b.element_size for b in self.buffers)
+
 
 class PagedCache:
     """MAX's paged KV cache: a page pool and each row's pages, as its ragged kernels read them."""
@@ -145,6 +156,8 @@ class PagedCache:
             page_size=page_size,
             devices=[DeviceRef.from_device(device)],
         )
+        # Zeroed: the kernels read whole pages, masking positions past a row's length, and a
+        # zero weight times garbage could be NaN.
         self.blocks = Buffer.zeros([pages + 1, *self.params.shape_per_block], dtype, device)
         self._free = list(range(pages))
         self._pages_of: dict[int, list[int]] = {}
@@ -206,6 +219,10 @@ class PagedCache:
     @property
     def idle(self) -> bool:
         return not self._pages_of and len(self._free) == self.pages
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.num_elements * self.blocks.element_size
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)

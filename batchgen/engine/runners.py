@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from max.driver import Device
+from max.driver import Buffer, Device
 from max.dtype import DType
 from max.experimental import functional as F
 from max.experimental.tensor import default_device, default_dtype
@@ -43,6 +43,10 @@ class Emitted:
 
 
 class Runner(Protocol):
+    def inputs(self, plan: StepPlan) -> list[Buffer]:
+        """The graph's arguments for this step, on the device."""
+        ...
+
     def run(self, plan: StepPlan) -> Emitted: ...
 
 
@@ -63,14 +67,14 @@ class SlotRunner:
         with F.lazy(), default_dtype(dtype), default_device(device):
             model = SlotGPT2(config)
         where = DeviceRef.from_device(device)
-        self._graph = model.compile(
+        self.graph = model.compile(
             *SlotInputs.types(where),
             *slot_cache_types(config, dtype, where),
             weights=weights,
             custom_extensions=[kernel],
         )
 
-    def run(self, plan: StepPlan) -> Emitted:
+    def inputs(self, plan: StepPlan) -> list[Buffer]:
         rows, ragged = ragged_step(plan)
         inputs = SlotInputs(
             ragged.tokens,
@@ -79,8 +83,10 @@ class SlotRunner:
             slots=np.array([self.cache.slot(r.index) for r in rows], np.int64),
             starts=np.array([r.computed for r in rows], np.int64),
         )
-        outputs = self._graph(*inputs.buffers(self.device), *self.cache.buffers)
-        return Emitted(emitting(plan), ModelOutputs(*outputs))
+        return [*inputs.buffers(self.device), *self.cache.buffers]
+
+    def run(self, plan: StepPlan) -> Emitted:
+        return Emitted(emitting(plan), ModelOutputs(*self.graph(*self.inputs(plan))))
 
 
 class PagedRunner:
@@ -97,16 +103,18 @@ class PagedRunner:
         with F.lazy(), default_dtype(dtype), default_device(device):
             model = PagedGPT2(config, cache.params)
         where = DeviceRef.from_device(device)
-        self._graph = model.compile(
+        self.graph = model.compile(
             *RaggedInputs.types(where), *cache.params.flattened_kv_inputs(), weights=weights
         )
 
-    def run(self, plan: StepPlan) -> Emitted:
+    def inputs(self, plan: StepPlan) -> list[Buffer]:
         rows, ragged = ragged_step(plan)
         new = np.diff(ragged.row_offsets).tolist()
         kv = self.cache.kv_inputs([r.index for r in rows], [r.computed for r in rows], new)
-        outputs = self._graph(*ragged.buffers(self.device), *kv)
-        return Emitted(emitting(plan), ModelOutputs(*outputs))
+        return [*ragged.buffers(self.device), *kv]
+
+    def run(self, plan: StepPlan) -> Emitted:
+        return Emitted(emitting(plan), ModelOutputs(*self.graph(*self.inputs(plan))))
 
 
 def ragged_step(plan: StepPlan) -> tuple[list[Row], RaggedInputs]:

@@ -28,7 +28,7 @@ class SchedulerConfig:
 
     policy: Policy = "continuous"
     max_rows: int = 32  # active rows at most (`--batch-size`)
-    step_tokens: int = 512  # prompt tokens prefilled per step, beside the decode rows
+    step_tokens: int = 2048  # prompt tokens prefilled per step, beside the decode rows
 
     def __post_init__(self) -> None:
         if self.policy not in ("continuous", "static"):

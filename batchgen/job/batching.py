@@ -22,13 +22,19 @@ class JobRequest:
 
 
 def pack(
-    items: Iterable[JobRequest | LineError], batch_size: int, window: int
+    items: Iterable[JobRequest | LineError],
+    batch_size: int,
+    window: int,
+    longest_first: bool = False,
 ) -> Iterator[list[JobRequest] | LineError]:
-    """Yield batches of up to `batch_size` requests, sorted by length within `window`.
+    """Yield batches of up to `batch_size` requests, sorted within `window` by prompt length
+    (then max_tokens), or with `longest_first` by max_tokens (then prompt length), longest
+    first.
 
     Errors pass straight through. At most `window` requests are held at once, so memory
-    does not grow with the input; a wider window packs with less padding.
+    does not grow with the input; a wider window sorts more of them together.
     """
+    key = _longest_key if longest_first else _length_key
     pool: list[JobRequest] = []
     for item in items:
         if isinstance(item, LineError):
@@ -36,18 +42,22 @@ def pack(
             continue
         pool.append(item)
         if len(pool) >= max(window, batch_size):
-            pool.sort(key=_length_key)
+            pool.sort(key=key)
             full = len(pool) - len(pool) % batch_size
             yield from _chunks(pool[:full], batch_size)
-            # The longest leftovers wait for the next window, which may hold their peers.
+            # The leftovers wait for the next window, which may hold their peers.
             pool = pool[full:]
-    pool.sort(key=_length_key)
+    pool.sort(key=key)
     yield from _chunks(pool, batch_size)
 
 
 def _length_key(item: JobRequest) -> tuple[int, int]:
     # Equal max_tokens also keeps rows from idling while a longer neighbour decodes.
     return item.length, item.request.params.max_tokens
+
+
+def _longest_key(item: JobRequest) -> tuple[int, int]:
+    return -item.request.params.max_tokens, -item.length
 
 
 def _chunks(items: list[JobRequest], size: int) -> Iterator[list[JobRequest]]:

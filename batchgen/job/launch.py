@@ -38,7 +38,7 @@ class JobOptions:
     kv_cache_gb: float | None = None
     batch_size: int = 32
     schedule: str = "continuous"
-    step_tokens: int = 512
+    step_tokens: int = 2048
     window: int = 1024
     max_tokens: int = 16
     temperature: float = 0.0

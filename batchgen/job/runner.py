@@ -109,12 +109,14 @@ def run_requests(
 def _ordered(
     items: Iterable[JobRequest | LineError], config: RunConfig
 ) -> Iterator[JobRequest | LineError]:
-    """Continuous batching takes lines as they come; static batches are cut from lines sorted
-    by length within a window, so a batch's rows end at about the same time."""
-    if config.scheduler.policy == "continuous":
-        yield from items
-        return
-    for work in pack(items, config.scheduler.max_rows, config.window):
+    """The order requests reach the engine, a window of them at a time (errors at once).
+
+    Continuous batching takes the longest (max_tokens) first, so a job does not end on a
+    tail of a few long rows decoding alone; static batches are cut from requests sorted by
+    length, so a batch's rows end at about the same time.
+    """
+    static = config.scheduler.policy == "static"
+    for work in pack(items, config.scheduler.max_rows, config.window, longest_first=not static):
         if isinstance(work, LineError):
             yield work
         else:

@@ -1,11 +1,22 @@
-"""Engine throughput next to Hugging Face `generate`, measured in one run on the same batches."""
+"""batchgen's throughput next to Hugging Face and next to itself, measured in one run.
+
+Workloads (`batchgen bench --workloads ...`), all greedy, on the CPU:
+- uniform: batches of B ~32-token prompts, 64 new tokens each; the engine next to HF
+  `generate` on the same batch, and the engine alone at a larger B.
+- step: a decode step at 32 and at 512 tokens of context (batch 8), and the profile of one
+  B=32 step: the graph (attention apart from the rest), the host, and the compute roofline.
+- mixed: a job of prompts of 8-200 words, max_tokens 8-256, through `batchgen run` with
+  default options and with `--schedule static`, next to a careful hand-written HF loop.
+- long: 32 prompts of ~500 tokens, 64 new each, through `batchgen run` with default options.
+Jobs run as real `batchgen run` processes, timed end to end; each prints its peak memory.
+"""
 
 from __future__ import annotations
 
 import functools
 import itertools
-import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,39 +24,32 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import AutoTokenizer
 
-from batchgen.engine import Engine, EngineConfig, Request, SamplingParams
+from batchgen.engine import Engine, EngineConfig, Request, SamplingParams, SchedulerConfig
+from batchgen.engine.scheduler import Row, StepPlan
+from batchgen.modes import workloads
+from batchgen.modes.workloads import hf_careful_loop, hf_generate, run_job_process
+
+WORKLOADS = ("uniform", "step", "mixed", "long")
+# What the fp32 matmuls of this machine class sustain (measured: 360-420 GFLOP/s).
+MATMUL_FLOPS = 360e9
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    workloads: tuple[str, ...] = WORKLOADS
+    batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
+    hf_batch_sizes: tuple[int, ...] = (1, 8, 32)
     prompt_tokens: int = 32
     new_tokens: int = 64
     repeats: int = 3
     step_batch: int = 8
     long_context: int = 512
+    profile_batch: int = 32
+    mixed_lines: int = 128
+    long_lines: int = 32
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class Row:
-    batch: int
-    max_tps: float
-    hf_tps: float
-
-    @property
-    def ratio(self) -> float:
-        return self.max_tps / self.hf_tps
-
-
-def make_prompts(batch: int, mean_len: int, vocab: int, seed: int) -> list[list[int]]:
-    """Random token prompts of mean_len +/- 12%, so batches carry real left padding."""
-    rng = np.random.default_rng(seed)
-    spread = max(1, mean_len // 8)
-    lengths = rng.integers(mean_len - spread, mean_len + spread + 1, size=batch)
-    return [rng.integers(0, vocab, size=n).tolist() for n in lengths]
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -59,69 +63,202 @@ def median_time(fn: Callable[[], object], repeats: int) -> float:
 
 def max_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> None:
     params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    engine.generate([Request(p, params) for p in prompts])
+    engine.generate([Request(p, params) for p in prompts], schedule=_all_at_once(prompts))
 
 
-def hf_generate(model: GPT2LMHeadModel, prompts: list[list[int]], new_tokens: int) -> None:
-    """HF greedy generate with KV cache over a left-padded batch (its documented batch setup)."""
-    width = max(len(p) for p in prompts)
-    pad = model.config.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.no_grad():
-        model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            use_cache=True,
-            pad_token_id=pad,
-        )
+def _all_at_once(prompts: list[list[int]]) -> SchedulerConfig:
+    """Every row admitted and prefilled in the first step, as one batch."""
+    return SchedulerConfig(max_rows=len(prompts), step_tokens=sum(map(len, prompts)))
 
 
-def decode_step_ms(engine: Engine, batch: int, context: int, vocab: int, seed: int) -> float:
-    prompts = make_prompts(batch, context, vocab, seed)
-    params = SamplingParams(max_tokens=17, ignore_eos=True)
-    engine.generate([Request(p, params) for p in prompts])  # warm-up at this shape
-    out = engine.generate([Request(p, params) for p in prompts])
-    return 1e3 * out.decode_s / out.decode_steps
+def decode_step_ms(engine: Engine, batch: int, context: int, seed: int) -> float:
+    """The median wall time of an engine step that decodes `batch` rows at ~`context`."""
+    prompts = workloads.uniform_prompts(batch, context, seed)
+    requests = [Request(p, SamplingParams(max_tokens=17, ignore_eos=True)) for p in prompts]
+    stamps: list[float] = []
+    for _ in range(2):  # the first run warms this shape up
+        stamps.clear()
+        engine.generate(requests, lambda _: stamps.append(time.perf_counter()),
+                        _all_at_once(prompts))  # fmt: skip
+    return 1e3 * statistics.median(b - a for a, b in itertools.pairwise(stamps))
 
 
 def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = print) -> None:
-    torch.set_num_threads(os.cpu_count() or 1)
-    engine = Engine.from_pretrained(model_dir, EngineConfig(device="cpu", dtype="float32"))
-    hf = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    rows = max(config.batch_sizes + (config.profile_batch, config.step_batch))
+    cache_gb = 1.1 * rows * _slot_bytes(model_dir) / 2**30  # room for the largest batch
+    engine_config = EngineConfig(
+        device="cpu", kv_cache_gb=cache_gb, scheduler=SchedulerConfig(max_rows=rows)
+    )
+    engine = Engine.from_pretrained(model_dir, engine_config)
     c = engine.config
-    vocab = c.vocab_size
-    print_fn(f"model: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} dim")
+    dtype = str(engine.dtype).removeprefix("DType.")
+    print_fn(f"model: {model_dir}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} dim")
     print_fn(
-        f"MAX on {engine.device.label} {engine.dtype}; torch {torch.__version__} "
-        f"with {torch.get_num_threads()} threads"
+        f"MAX on {engine.device.label} {dtype}, {engine.cache.kind} KV cache; torch "
+        f"{torch.__version__} with {torch.get_num_threads()} threads"
     )
-    print_fn(f"load {engine.timings['load_s']:.1f}s, compile {engine.timings['compile_s']:.1f}s")
     print_fn(
-        f"greedy, prompts ~{config.prompt_tokens} tokens (left-padded), "
-        f"{config.new_tokens} new tokens, median of {config.repeats}"
+        f"load {engine.timings.load_s:.1f} s, compile {engine.timings.compile_s:.1f} s; "
+        f"weights {engine.weights_bytes / 2**20:.0f} MiB, KV cache "
+        f"{engine.cache.nbytes / 2**20:.0f} MiB, RSS now {workloads.peak_rss_mb():.0f} MiB"
     )
-    print_fn(f"{'batch':>5} {'MAX tok/s':>10} {'HF tok/s':>10} {'ratio':>6}")
-    for batch in config.batch_sizes:
-        prompts = make_prompts(batch, config.prompt_tokens, vocab, config.seed + batch)
-        max_generate(engine, prompts, 4)  # warm-up
-        hf_generate(hf, prompts, 4)
-        generated = batch * config.new_tokens
-        n, repeats = config.new_tokens, config.repeats
-        max_s = median_time(functools.partial(max_generate, engine, prompts, n), repeats)
-        hf_s = median_time(functools.partial(hf_generate, hf, prompts, n), repeats)
-        row = Row(batch, generated / max_s, generated / hf_s)
-        print_fn(f"{batch:>5} {row.max_tps:>10.1f} {row.hf_tps:>10.1f} {row.ratio:>5.2f}x")
+    hf = workloads.hf_model(model_dir) if {"uniform", "mixed"} & set(config.workloads) else None
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in config.workloads:
+            print_fn("")
+            if name == "uniform":
+                uniform(engine, hf, config, print_fn)
+            elif name == "step":
+                step(engine, config, print_fn)
+            elif name == "mixed":
+                mixed(model_dir, hf, config, Path(scratch), print_fn)
+            elif name == "long":
+                long_prompts(model_dir, config, Path(scratch), print_fn)
 
-    short = decode_step_ms(engine, config.step_batch, config.prompt_tokens, vocab, config.seed)
-    long = decode_step_ms(engine, config.step_batch, config.long_context, vocab, config.seed)
+
+def uniform(engine: Engine, hf, config: BenchConfig, print_fn: Callable[[str], None]) -> None:
     print_fn(
-        f"decode step, batch {config.step_batch}: {short:.1f} ms at {config.prompt_tokens} "
-        f"tokens of context, {long:.1f} ms at {config.long_context} ({long / short:.2f}x)"
+        f"uniform: prompts ~{config.prompt_tokens} tokens, {config.new_tokens} new tokens, "
+        f"greedy, median of {config.repeats}"
     )
+    print_fn(f"{'batch':>5} {'batchgen tok/s':>15} {'HF tok/s':>10} {'ratio':>6}")
+    for batch in config.batch_sizes:
+        prompts = workloads.uniform_prompts(batch, config.prompt_tokens, config.seed)
+        max_generate(engine, prompts, 4)  # warm-up
+        n, repeats = config.new_tokens, config.repeats
+        ours = batch * n / median_time(functools.partial(max_generate, engine, prompts, n), repeats)
+        if batch not in config.hf_batch_sizes:
+            print_fn(f"{batch:>5} {ours:>15.1f} {'-':>10} {'-':>6}")
+            continue
+        hf_generate(hf, prompts, 4)
+        theirs = batch * n / median_time(functools.partial(hf_generate, hf, prompts, n), repeats)
+        print_fn(f"{batch:>5} {ours:>15.1f} {theirs:>10.1f} {ours / theirs:>5.2f}x")
+
+
+def step(engine: Engine, config: BenchConfig, print_fn: Callable[[str], None]) -> None:
+    batch, short_ctx, long_ctx = config.step_batch, config.prompt_tokens, config.long_context
+    short = decode_step_ms(engine, batch, short_ctx, config.seed)
+    long = decode_step_ms(engine, batch, long_ctx, config.seed)
+    print_fn(
+        f"decode step, batch {batch}: {short:.1f} ms at {short_ctx} tokens of context, "
+        f"{long:.1f} ms at {long_ctx} ({long / short:.2f}x)"
+    )
+    for context in (128, long_ctx):
+        profile(engine, config.profile_batch, context, config.seed, print_fn)
+
+
+def profile(
+    engine: Engine, batch: int, context: int, seed: int, print_fn: Callable[[str], None]
+) -> None:
+    """Where one decode step of `batch` rows at `context` goes: building its inputs, the
+    graph (and in it the attention op alone, on the slot cache), the rest of the host."""
+    step_ms = decode_step_ms(engine, batch, context, seed)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index in range(batch):
+        row = Row(index, rng.integers(0, 50000, context).tolist(), SamplingParams(), 0, 0.0)
+        assert engine.cache.admit(index, row.tokens)
+        row.computed, row.generated = context, [5]
+        rows.append(row)
+    plan = StepPlan(rows, [])
+    runner = engine.runner
+    try:
+        inputs_ms = 1e3 * median_time(lambda: runner.inputs(plan), 9)
+        arguments = runner.inputs(plan)
+        graph_ms = 1e3 * median_time(lambda: runner.graph(*arguments)[0].to_numpy(), 9)
+    finally:
+        for row in rows:
+            engine.cache.release(row.index)
+    attention_ms = _attention_ms(engine, batch, context) if engine.cache.kind == "slots" else None
+    tokens_per_s = 1e3 * batch / step_ms
+    c = engine.config
+    # Two FLOPs per weight a token meets: the blocks' matmuls and the tied LM head.
+    flop_per_token = 2 * (c.n_layer * (4 * c.n_embd**2 + 2 * c.n_embd * c.mlp_dim))
+    roofline = MATMUL_FLOPS / (flop_per_token + 2 * c.vocab_size * c.n_embd)
+    parts = [f"inputs {inputs_ms:.1f} ms", f"graph {graph_ms:.1f} ms"]
+    if attention_ms is not None:
+        gigabytes = 2 * batch * (context + 1) * engine.config.n_embd * 4 / 1e9
+        per_layer = attention_ms / engine.config.n_layer
+        parts.append(
+            f"of which attention {attention_ms:.1f} ms ({gigabytes * 1e3 / per_layer:.1f} GB/s of "
+            f"K/V read) and matmuls and the rest {graph_ms - attention_ms:.1f} ms"
+        )
+    parts.append(f"other host work {max(step_ms - graph_ms - inputs_ms, 0.0):.1f} ms")
+    print_fn(
+        f"profile, decode step of {batch} rows at {context}: {step_ms:.1f} ms = "
+        + ", ".join(parts)
+        + f"; {tokens_per_s:.0f} tok/s, {100 * tokens_per_s / roofline:.0f}% of the "
+        f"~{roofline:.0f} tok/s compute roofline (fp32 matmuls at 360 GFLOP/s)"
+    )
+
+
+def _attention_ms(engine: Engine, batch: int, context: int) -> float:
+    """batchgen's slot attention op alone, at this step's shape, over all layers."""
+    from max.driver import Buffer
+
+    from batchgen.engine.kernels import standalone_slot_attention
+
+    c = engine.config
+    rng = np.random.default_rng(0)
+    attend = standalone_slot_attention(c.n_head)
+    shape = (batch, c.n_head, context + 1, c.head_dim)
+    cache = [rng.standard_normal(shape, np.float32) for _ in range(2)]
+    new = [rng.standard_normal((batch, c.n_head, c.head_dim), np.float32)] * 3
+    rows = [np.arange(batch + 1, dtype=np.uint32), np.arange(batch), np.full(batch, context)]
+    args = [Buffer.from_numpy(a) for a in (*new, *cache)]
+    args += [Buffer.from_numpy(np.ascontiguousarray(a)) for a in rows]
+    attend(*args)
+    return 1e3 * c.n_layer * median_time(lambda: attend(*args).to_numpy(), 9)
+
+
+def mixed(model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn) -> None:
+    lines = workloads.mixed_job(config.mixed_lines, config.seed)
+    job = workloads.write_job(scratch / "mixed.jsonl", lines)
+    print_fn(
+        f"mixed: {len(lines)} prompts of 8-200 words, max_tokens 8-256, greedy, end to end "
+        "(batchgen: the whole `batchgen run` process)"
+    )
+    print_fn(f"{'runner':<34} {'seconds':>8} {'tok/s':>8} {'peak RSS':>9}")
+    runs = {
+        "batchgen run (defaults)": run_job_process(job, model_dir, scratch),
+        "batchgen run --schedule static": run_job_process(
+            job, model_dir, scratch, ["--schedule", "static"]
+        ),
+    }
+    for label, job_run in runs.items():
+        print_fn(
+            f"{label:<34} {job_run.wall_s:>8.1f} {job_run.tokens_per_s:>8.1f} "
+            f"{job_run.peak_rss_mb:>6.0f} MiB"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    start = time.perf_counter()
+    tokens = hf_careful_loop(hf, tokenizer, lines)
+    hf_s = time.perf_counter() - start
+    ours = runs["batchgen run (defaults)"]
+    print_fn(f"{'HF careful loop (sorted, batch 32)':<34} {hf_s:>8.1f} {tokens / hf_s:>8.1f}")
+    print_fn(
+        f"batchgen defaults: {hf_s / ours.wall_s:.2f}x the HF loop, "
+        f"{runs['batchgen run --schedule static'].wall_s / ours.wall_s:.2f}x --schedule static"
+    )
+
+
+def long_prompts(model_dir: Path, config: BenchConfig, scratch: Path, print_fn) -> None:
+    lines = workloads.long_job(config.long_lines)
+    job = workloads.write_job(scratch / "long.jsonl", lines)
+    job_run = run_job_process(job, model_dir, scratch)
+    print_fn(
+        f"long: {len(lines)} prompts of ~500 tokens, 64 new each: batchgen run (defaults) "
+        f"{job_run.wall_s:.1f} s end to end, {job_run.tokens_per_s:.1f} tok/s, peak RSS "
+        f"{job_run.peak_rss_mb:.0f} MiB"
+    )
+
+
+def _slot_bytes(model_dir: Path) -> int:
+    """One full-context slot of float32 keys and values, from the checkpoint's config."""
+    import json
+
+    config = json.loads((model_dir / "config.json").read_text())
+    return 2 * config["n_layer"] * config["n_embd"] * config["n_positions"] * 4
 
 
 def tutorial_benchmark(

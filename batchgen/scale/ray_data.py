@@ -71,7 +71,7 @@ class RayConfig:
     seed: int | None = None  # base seed for rows without their own, as `batchgen run --seed`
     batch_size: int = 32  # rows each actor's engine runs at once
     schedule: str = "continuous"
-    step_tokens: int = 512
+    step_tokens: int = 2048
     actors: int = 1
     cpus_per_actor: float | None = None  # None: 1, or less so that Ray Data keeps a CPU
     gpus_per_actor: float = 0.0

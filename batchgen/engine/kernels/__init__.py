@@ -91,3 +91,28 @@ def _version(distribution: str) -> str:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def standalone_slot_attention(heads: int):
+    """slot_attention alone in a graph, for tests and the benchmark: (q, k, v [T, heads, D],
+    k_cache, v_cache [slots, heads, maxlen, D], row_offsets, slots, starts) -> [T, heads, D]."""
+    from max.dtype import DType
+    from max.experimental import compilation
+    from max.graph import BufferType, DeviceRef, TensorType
+
+    from batchgen.engine.model import slot_attention
+
+    def attend(q, k, v, k_cache, v_cache, row_offsets, slots, starts):
+        caches = {"k_cache": k_cache, "v_cache": v_cache}
+        rows = {"row_offsets": row_offsets, "slots": slots, "starts": starts}
+        return slot_attention(q, k, v, **caches, **rows)
+
+    cpu = DeviceRef.CPU()
+    tokens = TensorType(DType.float32, ["tokens", heads, "head_dim"], device=cpu)
+    cache = BufferType(DType.float32, ["slots", heads, "maxlen", "head_dim"], device=cpu)
+    per_row = TensorType(DType.int64, ["rows"], device=cpu)
+    offsets = TensorType(DType.uint32, ["rows_plus_one"], device=cpu)
+    compile_graph = compilation.compile(
+        attend, name="slot_attention", custom_extensions=[built_package()]
+    )
+    return compile_graph(tokens, tokens, tokens, cache, cache, offsets, per_row, per_row)
