@@ -85,6 +85,14 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="KV cache memory; default: up to 4 GB (a quarter of free memory at most) on "
             "CPU, half of the free memory on GPU.",
         ),
+        click.option(
+            "--kv-cache-dtype",
+            type=click.Choice(["auto", "float32", "float16"]),
+            default="auto",
+            show_default=True,
+            help="auto: the model's; float16 (slots): half the memory and the bytes each "
+            "step reads, maths in float32, logits within ~1e-2 of float32's.",
+        ),
     ]
     return _with_options(command, options)
 
@@ -135,15 +143,13 @@ def _with_options(
     return command
 
 
-def _load_engine(
-    model: str, device: str, dtype: str, kv_cache: str, kv_cache_gb: float | None
-) -> Any:
+def _load_engine(model: str, **engine_settings: Any) -> Any:
+    """The engine `engine_options` describe (device, dtype, kv_cache, ...), compiled."""
     from batchgen.engine import EngineConfig
     from batchgen.job.launch import JobError, load_engine
 
     try:
-        config = EngineConfig(device, dtype, kv_cache, kv_cache_gb)  # type: ignore[arg-type]
-        return load_engine(model, config)
+        return load_engine(model, EngineConfig(**engine_settings))
     except JobError as error:
         raise click.ClickException(str(error)) from None
 
@@ -412,10 +418,6 @@ def merge(
 )  # fmt: skip
 def gpt2(
     model: str,
-    device: str,
-    dtype: str,
-    kv_cache: str,
-    kv_cache_gb: float | None,
     prompt: str | None,
     chat: bool,
     benchmark: bool,
@@ -425,6 +427,7 @@ def gpt2(
     seed: int | None,
     batch_sizes: str,
     runs: int,
+    **engine_settings: Any,
 ) -> None:
     """The MAX GPT-2 tutorial's modes: a prompt loop (default), --prompt, --chat, --benchmark."""
     if sum((prompt is not None, chat, benchmark)) > 1:
@@ -433,7 +436,7 @@ def gpt2(
     from batchgen.modes import interactive
 
     click.echo(f"Loading {model} ...")
-    engine = _load_engine(model, device, dtype, kv_cache, kv_cache_gb)
+    engine = _load_engine(model, **engine_settings)
     restore_default_signals()  # from here Ctrl-C leaves the loop or the chat as it always has
     for line in interactive.banner(engine, model):
         click.echo(line)
@@ -478,15 +481,12 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 def generate(
     prompt: str,
     model: str,
-    device: str,
-    dtype: str,
-    kv_cache: str,
-    kv_cache_gb: float | None,
     max_tokens: int,
     temperature: float,
     top_k: int,
     top_p: float,
     seed: int | None,
+    **engine_settings: Any,
 ) -> None:
     """Continue one PROMPT and print it with its continuation."""
     from batchgen.engine import Request, SamplingParams
@@ -494,7 +494,7 @@ def generate(
     params = SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
     )
-    engine = _load_engine(model, device, dtype, kv_cache, kv_cache_gb)
+    engine = _load_engine(model, **engine_settings)
     try:
         out = engine.generate([Request(engine.tokenizer(prompt).input_ids, params)])
     except ValueError as error:  # context too long, empty prompt
@@ -520,6 +520,13 @@ def generate(
     "--repeats", type=click.IntRange(min=1), default=3, show_default=True,
     help="Timed runs per figure.",
 )  # fmt: skip
+@click.option(
+    "--device",
+    type=click.Choice(["cpu", "gpu"]),
+    default="cpu",
+    show_default=True,
+    help="gpu: batchgen in bfloat16 on MAX's paged kernels, HF in bfloat16 on CUDA.",
+)
 @click.option(
     "--workloads",
     default="uniform,step,mixed,long",
@@ -548,6 +555,7 @@ def generate(
 def bench(
     model: Path | None,
     repeats: int,
+    device: str,
     workloads: str,
     batch_sizes: str,
     lines: int,
@@ -564,6 +572,7 @@ def bench(
     from batchgen.scale import bench as scale_bench
 
     config = bench_module.BenchConfig(
+        device=device,
         workloads=chosen,
         batch_sizes=sizes,
         hf_batch_sizes=tuple(b for b in sizes if b <= 32),

@@ -118,6 +118,7 @@ def measure(sides, model, folder, args, workloads) -> dict[str, dict[str, list[f
             done = subprocess.run(
                 [sys.executable, "-c", DRIVER, str(model), json.dumps(spec)],
                 env={**os.environ, "PYTHONPATH": path},
+                cwd=folder,  # `python -c` puts the working directory first on sys.path
                 capture_output=True,
                 text=True,
                 check=True,

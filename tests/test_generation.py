@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -277,3 +278,25 @@ def test_a_padded_vocabulary_decodes_ids_the_tokenizer_lacks(tmp_path, tokenizer
     assert out.completions[0].token_ids == hf_greedy(hf, prompt_ids[0], GREEDY.max_tokens)
     assert set(out.completions[0].token_ids) == {50300}
     assert [c.text for c in out.completions] == ["", ""]
+
+
+def test_a_float16_slot_cache_stays_within_its_tolerance_of_hf(tiny_dir, hf_tiny, prompt_ids):
+    """float16 keys and values, float32 maths: logits within 0.05 of HF's float32 ones (about
+    2e-3 of their range here), and the token it picks is, by HF's logits, that close to best."""
+    config = cpu_config("slots")
+    engine = Engine.from_pretrained(tiny_dir, replace(config, kv_cache_dtype="float16"))
+    assert engine.cache.nbytes * 2 == Engine.from_pretrained(tiny_dir, config).cache.nbytes
+    steps: list[Step] = []
+    requests = [Request(ids, SamplingParams(max_tokens=8, ignore_eos=True)) for ids in prompt_ids]
+    out = engine.generate(requests, steps.append)
+    seen = [0] * len(prompt_ids)
+    worst = 0.0
+    for step in steps:
+        for i, row in enumerate(step.rows):
+            context = prompt_ids[row] + out.completions[row].token_ids[: seen[row]]
+            with torch.no_grad():
+                expected = hf_tiny(torch.tensor([context])).logits[0, -1].numpy()
+            worst = max(worst, float(np.abs(step.logits[i] - expected).max()))
+            assert expected[step.tokens[i]] >= expected.max() - 0.1
+            seen[row] += 1
+    assert 1e-5 < worst < 0.05, worst  # not float32 exact, but close

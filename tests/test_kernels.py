@@ -16,6 +16,11 @@ def slot_attention():
     return standalone_slot_attention(H)
 
 
+@pytest.fixture(scope="module")
+def slot_attention_f16():
+    return standalone_slot_attention(H, "float16")
+
+
 def reference(q, k, v, k_cache, v_cache, offsets, slots, starts):
     """Write each row's new K/V into a copy of the caches, then attend causally in float64."""
     k_cache, v_cache = k_cache.copy(), v_cache.copy()
@@ -37,15 +42,21 @@ def reference(q, k, v, k_cache, v_cache, offsets, slots, starts):
     return out, k_cache, v_cache
 
 
-def run(slot_attention, rng, rows: list[tuple[int, int, int]], head_dim: int = 64):
+def run(
+    slot_attention,
+    rng,
+    rows: list[tuple[int, int, int]],
+    head_dim: int = 64,
+    cache_dtype: type = np.float32,
+):
     """rows: (slot, tokens cached before, new tokens) per row; returns the op's and NumPy's
     outputs and caches."""
     D = head_dim
     offsets = np.concatenate([[0], np.cumsum([n for _, _, n in rows])]).astype(np.uint32)
     total = int(offsets[-1])
     q, k, v = (rng.standard_normal((total, H, D), dtype=np.float32) for _ in range(3))
-    k_cache = rng.standard_normal((SLOTS, H, MAXLEN, D), dtype=np.float32)
-    v_cache = rng.standard_normal((SLOTS, H, MAXLEN, D), dtype=np.float32)
+    k_cache = rng.standard_normal((SLOTS, H, MAXLEN, D), dtype=np.float32).astype(cache_dtype)
+    v_cache = rng.standard_normal((SLOTS, H, MAXLEN, D), dtype=np.float32).astype(cache_dtype)
     slots = np.array([s for s, _, _ in rows], np.int64)
     starts = np.array([c for _, c, _ in rows], np.int64)
     expected = reference(q, k, v, k_cache, v_cache, offsets, slots, starts)
@@ -91,6 +102,14 @@ def test_every_head_size_it_is_built_for(slot_attention, head_dim):
     rng = np.random.default_rng(head_dim)
     rows = [(1, 0, 37), (4, 200, 1), (0, 12, 4), (2, 0, 2)]
     assert_matches(*run(slot_attention, rng, rows, head_dim))
+
+
+def test_a_float16_cache_stores_rounded_keys_and_attends_in_float32(slot_attention_f16):
+    """The new K/V are stored as float16 (NumPy's rounding), and read back into float32
+    maths: against the same rounded cache in float64, the error is float32's alone."""
+    rng = np.random.default_rng(4)
+    rows = [(2, 0, 300), (0, 700, 1), (5, 12, 5), (1, 0, 1)]
+    assert_matches(*run(slot_attention_f16, rng, rows, cache_dtype=np.float16))
 
 
 def test_a_head_size_it_is_not_built_for_is_refused(slot_attention):

@@ -155,6 +155,8 @@ class EngineConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     kv_cache: KVCacheKind = "auto"  # auto: slots on CPU, paged on GPU
     kv_cache_gb: float | None = None  # None: a default per device
+    # auto: the model's dtype; float16 halves what the slot cache holds and reads per step.
+    kv_cache_dtype: Literal["auto", "float32", "float16"] = "auto"
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
 
@@ -231,10 +233,13 @@ class Engine:
         self.cache: KVCache
         self.runner: Runner
         if kind == "slots":
-            slots = SlotCache.within(budget, rows, self.config, dtype, device)
+            cache_dtype = DType.float16 if config.kv_cache_dtype == "float16" else dtype
+            slots = SlotCache.within(budget, rows, self.config, cache_dtype, device)
             self.cache = slots
             self.runner = SlotRunner(self.config, checkpoint.weights, dtype, device, slots)
         else:
+            if config.kv_cache_dtype not in ("auto", str(dtype).removeprefix("DType.")):
+                raise ValueError("--kv-cache-dtype other than the model's needs --kv-cache slots")
             pages = PagedCache.within(budget, rows, self.config, dtype, device)
             self.cache = pages
             self.runner = PagedRunner(self.config, checkpoint.weights, dtype, device, pages)

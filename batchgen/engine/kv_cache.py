@@ -76,6 +76,7 @@ class SlotCache:
             raise ValueError("the KV cache budget holds no slot: raise --kv-cache-gb")
         self.maxlen = config.n_positions
         self.slots = slots
+        self.dtype = dtype
         shape = [slots, config.n_head, self.maxlen, config.head_dim]
         # Not zeroed: a slot's positions are always written before they are read (the kernel
         # reads only [0, pos]), so memory is touched only as rows use it. Zeroing would

@@ -107,7 +107,8 @@ class SlotInputs(RaggedInputs):
 
 
 def slot_cache_types(config: GPT2Config, dtype: DType, device: DeviceRef) -> list[BufferType]:
-    """Per layer a K and a V buffer [slots, H, maxlen, D], written in place."""
+    """Per layer a K and a V buffer [slots, H, maxlen, D] of `dtype` (the model's, or float16
+    for a model in float32), written in place."""
     cache = BufferType(dtype, ["slots", config.n_head, "maxlen", config.head_dim], device=device)
     return [cache] * (2 * config.n_layer)
 

@@ -69,7 +69,7 @@ class SlotRunner:
         where = DeviceRef.from_device(device)
         self.graph = model.compile(
             *SlotInputs.types(where),
-            *slot_cache_types(config, dtype, where),
+            *slot_cache_types(config, cache.dtype, where),
             weights=weights,
             custom_extensions=[kernel],
         )

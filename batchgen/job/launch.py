@@ -36,6 +36,7 @@ class JobOptions:
     dtype: str = "auto"
     kv_cache: str = "auto"
     kv_cache_gb: float | None = None
+    kv_cache_dtype: str = "auto"
     batch_size: int = 32
     schedule: str = "continuous"
     step_tokens: int = 2048
@@ -94,6 +95,10 @@ def usage_problem(options: JobOptions) -> str | None:
         return "--resume needs an OUTPUT file, not stdout"
     if "" in options.stop:
         return "--stop must not be empty"
+    if options.kv_cache == "slots" and (options.device == "gpu" or options.dtype == "bfloat16"):
+        return "--kv-cache slots runs on the CPU in float32; use --kv-cache paged"
+    if options.kv_cache_dtype == "float16" and options.kv_cache == "paged":
+        return "--kv-cache-dtype float16 goes with the slot cache (--kv-cache slots)"
     ray_only = (
         options.ray_address,
         options.actors != 1,
@@ -249,7 +254,12 @@ def engine_config_of(options: JobOptions) -> EngineConfig:
 
     scheduler = SchedulerConfig(options.schedule, options.batch_size, options.step_tokens)
     return EngineConfig(
-        options.device, options.dtype, options.kv_cache, options.kv_cache_gb, scheduler
+        device=options.device,
+        dtype=options.dtype,
+        kv_cache=options.kv_cache,
+        kv_cache_gb=options.kv_cache_gb,
+        kv_cache_dtype=options.kv_cache_dtype,
+        scheduler=scheduler,
     )
 
 

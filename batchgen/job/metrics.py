@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from array import array
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -95,8 +96,22 @@ class RunStats:
             "first_token_ms": _percentiles(self.first_token_ms),
             "mean_rows": round(self.row_steps / self.steps, 2) if self.steps else 0.0,
             "occupancy": round(self.occupancy_steps / self.steps, 4) if self.steps else 0.0,
+            "peak_rss_mb": peak_rss_mb(),
             **setup,
         }
+
+
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (Linux's VmHWM; None elsewhere). Not getrusage:
+    a process started by a large one inherits its parent's peak there."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return None
 
 
 def _percentiles(values: array) -> dict[str, float]:
@@ -120,7 +135,8 @@ def summary_text(summary: dict[str, Any], output_name: str) -> str:
         f"{summary['kv_cache']} KV cache: {_setup_text(summary)}",
         f"  {summary['generated_tokens']} tokens in {summary['steps']} steps, "
         f"{summary['run_s']:.2f} s: {summary['requests_per_s']} requests/s, "
-        f"{summary['generated_tokens_per_s']} tokens/s; {summary['mean_rows']} rows a step",
+        f"{summary['generated_tokens_per_s']} tokens/s; {summary['mean_rows']} rows a step"
+        + (f", peak RSS {summary['peak_rss_mb']:.0f} MiB" if summary["peak_rss_mb"] else ""),
         f"  latency p50 {latency['p50']} ms, p90 {latency['p90']} ms, p99 {latency['p99']} ms; "
         f"first token p50 {first['p50']} ms, p99 {first['p99']} ms",
     ]

@@ -19,7 +19,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ MATMUL_FLOPS = 360e9
 
 @dataclass(frozen=True)
 class BenchConfig:
+    device: str = "cpu"  # or "gpu": batchgen in bfloat16 on MAX's paged kernels, HF on CUDA
     workloads: tuple[str, ...] = WORKLOADS
     batch_sizes: tuple[int, ...] = (1, 8, 32, 64)
     hf_batch_sizes: tuple[int, ...] = (1, 8, 32)
@@ -85,9 +86,12 @@ def decode_step_ms(engine: Engine, batch: int, context: int, seed: int) -> float
 
 def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = print) -> None:
     rows = max(config.batch_sizes + (config.profile_batch, config.step_batch))
-    cache_gb = 1.1 * rows * _slot_bytes(model_dir) / 2**30  # room for the largest batch
+    # On the CPU, room for the largest batch; a GPU's default budget holds far more.
+    cache_gb = 1.1 * rows * _slot_bytes(model_dir) / 2**30 if config.device == "cpu" else None
     engine_config = EngineConfig(
-        device="cpu", kv_cache_gb=cache_gb, scheduler=SchedulerConfig(max_rows=rows)
+        device=config.device,  # type: ignore[arg-type]
+        kv_cache_gb=cache_gb,
+        scheduler=SchedulerConfig(max_rows=rows),
     )
     engine = Engine.from_pretrained(model_dir, engine_config)
     c = engine.config
@@ -102,7 +106,8 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
         f"weights {engine.weights_bytes / 2**20:.0f} MiB, KV cache "
         f"{engine.cache.nbytes / 2**20:.0f} MiB, RSS now {workloads.peak_rss_mb():.0f} MiB"
     )
-    hf = workloads.hf_model(model_dir) if {"uniform", "mixed"} & set(config.workloads) else None
+    wants_hf = {"uniform", "mixed"} & set(config.workloads)
+    hf = workloads.hf_model(model_dir, config.device) if wants_hf else None
     with tempfile.TemporaryDirectory() as scratch:
         for name in config.workloads:
             print_fn("")
@@ -110,10 +115,15 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
                 uniform(engine, hf, config, print_fn)
             elif name == "step":
                 step(engine, config, print_fn)
+                if engine.cache.kind == "slots":  # and what float16 keys and values buy
+                    half = replace(engine_config, kv_cache_dtype="float16")
+                    print_fn("with --kv-cache-dtype float16:")
+                    step(Engine.from_pretrained(model_dir, half), config, print_fn)
             elif name == "mixed":
                 mixed(model_dir, hf, config, Path(scratch), print_fn)
             elif name == "long":
                 long_prompts(model_dir, config, Path(scratch), print_fn)
+    print_fn(f"\npeak RSS of this process: {workloads.peak_rss_mb():.0f} MiB")
 
 
 def uniform(engine: Engine, hf, config: BenchConfig, print_fn: Callable[[str], None]) -> None:
@@ -177,7 +187,8 @@ def profile(
     roofline = MATMUL_FLOPS / (flop_per_token + 2 * c.vocab_size * c.n_embd)
     parts = [f"inputs {inputs_ms:.1f} ms", f"graph {graph_ms:.1f} ms"]
     if attention_ms is not None:
-        gigabytes = 2 * batch * (context + 1) * engine.config.n_embd * 4 / 1e9
+        itemsize = engine.cache.dtype.size_in_bytes
+        gigabytes = 2 * batch * (context + 1) * engine.config.n_embd * itemsize / 1e9
         per_layer = attention_ms / engine.config.n_layer
         parts.append(
             f"of which attention {attention_ms:.1f} ms ({gigabytes * 1e3 / per_layer:.1f} GB/s of "
@@ -200,9 +211,10 @@ def _attention_ms(engine: Engine, batch: int, context: int) -> float:
 
     c = engine.config
     rng = np.random.default_rng(0)
-    attend = standalone_slot_attention(c.n_head)
+    cache_dtype = str(engine.cache.dtype).removeprefix("DType.")
+    attend = standalone_slot_attention(c.n_head, cache_dtype)
     shape = (batch, c.n_head, context + 1, c.head_dim)
-    cache = [rng.standard_normal(shape, np.float32) for _ in range(2)]
+    cache = [rng.standard_normal(shape, np.float32).astype(cache_dtype) for _ in range(2)]
     new = [rng.standard_normal((batch, c.n_head, c.head_dim), np.float32)] * 3
     rows = [np.arange(batch + 1, dtype=np.uint32), np.arange(batch), np.full(batch, context)]
     args = [Buffer.from_numpy(a) for a in (*new, *cache)]
@@ -220,9 +232,9 @@ def mixed(model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn) -> 
     )
     print_fn(f"{'runner':<34} {'seconds':>8} {'tok/s':>8} {'peak RSS':>9}")
     runs = {
-        "batchgen run (defaults)": run_job_process(job, model_dir, scratch),
+        "batchgen run (defaults)": run_job_process(job, model_dir, scratch, config.device),
         "batchgen run --schedule static": run_job_process(
-            job, model_dir, scratch, ["--schedule", "static"]
+            job, model_dir, scratch, config.device, ["--schedule", "static"]
         ),
     }
     for label, job_run in runs.items():
@@ -245,7 +257,7 @@ def mixed(model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn) -> 
 def long_prompts(model_dir: Path, config: BenchConfig, scratch: Path, print_fn) -> None:
     lines = workloads.long_job(config.long_lines)
     job = workloads.write_job(scratch / "long.jsonl", lines)
-    job_run = run_job_process(job, model_dir, scratch)
+    job_run = run_job_process(job, model_dir, scratch, config.device)
     print_fn(
         f"long: {len(lines)} prompts of ~500 tokens, 64 new each: batchgen run (defaults) "
         f"{job_run.wall_s:.1f} s end to end, {job_run.tokens_per_s:.1f} tok/s, peak RSS "

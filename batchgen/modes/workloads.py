@@ -150,20 +150,26 @@ class JobRun:
 
 
 def run_job_process(
-    job: Path, model: Path, out_dir: Path, args: Sequence[str] = (), pythonpath: str | None = None
+    job: Path,
+    model: Path,
+    out_dir: Path,
+    device: str = "cpu",
+    args: Sequence[str] = (),
+    pythonpath: str | None = None,
 ) -> JobRun:
     """`batchgen run` as a real process (start-up and compile included), with `pythonpath`
     in front (another checkout's batchgen) when given."""
     out = out_dir / f"out-{time.monotonic_ns()}.jsonl"
     metrics = out.with_suffix(".metrics")
     argv = [sys.executable, "-m", "batchgen", "run", str(job), str(out), "--model", str(model),
-            "--device", "cpu", "--metrics", str(metrics), "--quiet", *args]  # fmt: skip
+            "--device", device, "--metrics", str(metrics), "--quiet", *args]  # fmt: skip
     # An explicit env: importing MAX setenv()s variables behind os.environ's back.
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
     start = time.perf_counter()
-    process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    # Not from a checkout's root: `python -m` puts the working directory first on sys.path.
+    process = subprocess.Popen(argv, env=env, cwd=out_dir, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     stderr = process.stderr.read().decode() if process.stderr else ""
@@ -171,13 +177,20 @@ def run_job_process(
     if code != 0:
         raise RuntimeError(f"batchgen run {' '.join(args)} exited {code}:\n{stderr}")
     summary = orjson.loads(metrics.read_bytes().splitlines()[-1])
-    return JobRun(wall, summary, usage.ru_maxrss / 1024)
+    # main's engine (0.2) did not report it; then the child's getrusage, which counts the
+    # parent's memory at the fork too.
+    peak = summary.get("peak_rss_mb") or usage.ru_maxrss / 1024
+    return JobRun(wall, summary, peak)
 
 
-def hf_model(model_dir: Path):
+def hf_model(model_dir: Path, device: str = "cpu"):
+    """HF's GPT-2: float32 with all cores on the CPU, bfloat16 on CUDA (as batchgen's GPU)."""
     from transformers import GPT2LMHeadModel
 
     torch.set_num_threads(os.cpu_count() or 1)
+    if device == "gpu":
+        model = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.bfloat16)
+        return model.to("cuda").eval()
     return GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
@@ -185,12 +198,12 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> None:
     """HF greedy generate with KV cache over a left-padded batch (its documented batch setup)."""
     width = max(len(p) for p in prompts)
     pad = model.config.eos_token_id
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.no_grad():
         model.generate(
             ids,
-            attention_mask=mask,
+            attention_mask=mask.to(model.device),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
@@ -214,13 +227,14 @@ def hf_careful_loop(model, tokenizer, lines: Sequence[dict[str, Any]], batch: in
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         width = max(n for _, n, _, _ in chunk)
-        ids = torch.tensor([[eos] * (width - n) + p for _, n, p, _ in chunk])
+        ids = torch.tensor([[eos] * (width - n) + p for _, n, p, _ in chunk], device=model.device)
         mask = torch.tensor([[0] * (width - n) + [1] * n for _, n, _, _ in chunk])
+        mask = mask.to(model.device)
         longest = max(m for m, _, _, _ in chunk)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=longest,
                                  do_sample=False, use_cache=True, pad_token_id=eos)  # fmt: skip
-        for (max_tokens, _, _, ignore_eos), row in zip(chunk, out[:, width:], strict=True):
+        for (max_tokens, _, _, ignore_eos), row in zip(chunk, out[:, width:].cpu(), strict=True):
             tokens = row[:max_tokens].tolist()
             if not ignore_eos and eos in tokens:
                 tokens = tokens[: tokens.index(eos) + 1]
@@ -230,4 +244,6 @@ def hf_careful_loop(model, tokenizer, lines: Sequence[dict[str, Any]], batch: in
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from batchgen.job.metrics import peak_rss_mb as vm_hwm
+
+    return vm_hwm() or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -67,6 +67,7 @@ class RayConfig:
     dtype: str = "auto"
     kv_cache: str = "auto"
     kv_cache_gb: float | None = None
+    kv_cache_dtype: str = "auto"
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None  # base seed for rows without their own, as `batchgen run --seed`
     batch_size: int = 32  # rows each actor's engine runs at once
@@ -137,7 +138,12 @@ class Generator:
         self.config = config
         scheduler = SchedulerConfig(config.schedule, config.batch_size, config.step_tokens)
         engine_config = EngineConfig(
-            config.device, config.dtype, config.kv_cache, config.kv_cache_gb, scheduler
+            device=config.device,
+            dtype=config.dtype,
+            kv_cache=config.kv_cache,
+            kv_cache_gb=config.kv_cache_gb,
+            kv_cache_dtype=config.kv_cache_dtype,
+            scheduler=scheduler,
         )
         self.engine = load_engine(config.model, engine_config)
         self.run_config = RunConfig(scheduler, token_ids=config.token_ids, model_name=config.model)
@@ -244,6 +250,7 @@ def run_ray_job(
         dtype=options.dtype,
         kv_cache=options.kv_cache,
         kv_cache_gb=options.kv_cache_gb,
+        kv_cache_dtype=options.kv_cache_dtype,
         params=defaults.params,
         seed=defaults.seed,
         batch_size=options.batch_size,

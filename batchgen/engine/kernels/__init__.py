@@ -93,7 +93,7 @@ def _version(distribution: str) -> str:
         return "unknown"
 
 
-def standalone_slot_attention(heads: int):
+def standalone_slot_attention(heads: int, cache_dtype: str = "float32"):
     """slot_attention alone in a graph, for tests and the benchmark: (q, k, v [T, heads, D],
     k_cache, v_cache [slots, heads, maxlen, D], row_offsets, slots, starts) -> [T, heads, D]."""
     from max.dtype import DType
@@ -109,10 +109,10 @@ def standalone_slot_attention(heads: int):
 
     cpu = DeviceRef.CPU()
     tokens = TensorType(DType.float32, ["tokens", heads, "head_dim"], device=cpu)
-    cache = BufferType(DType.float32, ["slots", heads, "maxlen", "head_dim"], device=cpu)
+    cache = BufferType(DType[cache_dtype], ["slots", heads, "maxlen", "head_dim"], device=cpu)
     per_row = TensorType(DType.int64, ["rows"], device=cpu)
     offsets = TensorType(DType.uint32, ["rows_plus_one"], device=cpu)
     compile_graph = compilation.compile(
-        attend, name="slot_attention", custom_extensions=[built_package()]
+        attend, name=f"slot_attention_{cache_dtype}", custom_extensions=[built_package()]
     )
     return compile_graph(tokens, tokens, tokens, cache, cache, offsets, per_row, per_row)

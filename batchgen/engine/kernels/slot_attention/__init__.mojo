@@ -5,7 +5,8 @@
 # several rows (ragged: a decode row has one, a prompt chunk many); row b writes its tokens'
 # K/V at (slots[b], :, starts[b] + i) and each of its queries attends over [0, starts[b] + i].
 # Work is split over the cores by (row, head), each thread taking an equal share of the keys
-# to read. float32; head_dim 8, 16, 32, 64 or 128; maxlen <= 4096.
+# to read. The cache holds float32 or float16 (the maths is float32 either way: halving the
+# bytes each step reads is what float16 buys); head_dim 8, 16, 32, 64 or 128; maxlen <= 4096.
 import extensibility
 from extensibility import InputTensor, OutputTensor
 from extensibility import _MutableInputTensor as MutableInputTensor
@@ -20,11 +21,12 @@ comptime QB = 4  # queries of one prompt chunk attended together (keys read once
 comptime MAX_LEN = 4096
 
 comptime Ptr = Pointer[Float32, MutAnyOrigin]
+comptime CachePtr[dtype: DType] = Pointer[Scalar[dtype], MutAnyOrigin]
 comptime Scratch = Pointer[Float32, MutUntrackedOrigin]
 
 
-def attend_one[D: Int](
-    q: Ptr, k_cache: Ptr, v_cache: Ptr, dst: Ptr, scores: Scratch,
+def attend_one[D: Int, cache: DType](
+    q: Ptr, k_cache: CachePtr[cache], v_cache: CachePtr[cache], dst: Ptr, scores: Scratch,
     at: Int, base: Int, length: Int, scale: Float32,
 ):
     """One query (offset `at` in q and dst) over keys [0, length) of the slot at `base`."""
@@ -34,15 +36,15 @@ def attend_one[D: Int](
     # Four keys at a time: four independent dot products in flight.
     while t + 4 <= length:
         var kt = base + t * D
-        var s0 = (qv * k_cache.unsafe_load[width=D](kt)).reduce_add()
-        var s1 = (qv * k_cache.unsafe_load[width=D](kt + D)).reduce_add()
-        var s2 = (qv * k_cache.unsafe_load[width=D](kt + 2 * D)).reduce_add()
-        var s3 = (qv * k_cache.unsafe_load[width=D](kt + 3 * D)).reduce_add()
+        var s0 = (qv * k_cache.unsafe_load[width=D](kt).cast[DType.float32]()).reduce_add()
+        var s1 = (qv * k_cache.unsafe_load[width=D](kt + D).cast[DType.float32]()).reduce_add()
+        var s2 = (qv * k_cache.unsafe_load[width=D](kt + 2 * D).cast[DType.float32]()).reduce_add()
+        var s3 = (qv * k_cache.unsafe_load[width=D](kt + 3 * D).cast[DType.float32]()).reduce_add()
         scores.unsafe_store(t, SIMD[DType.float32, 4](s0, s1, s2, s3))
         m = max(m, max(max(s0, s1), max(s2, s3)))
         t += 4
     while t < length:
-        var s = (qv * k_cache.unsafe_load[width=D](base + t * D)).reduce_add()
+        var s = (qv * k_cache.unsafe_load[width=D](base + t * D).cast[DType.float32]()).reduce_add()
         scores.unsafe_store(t, s)
         m = max(m, s)
         t += 1
@@ -54,12 +56,12 @@ def attend_one[D: Int](
         var vt = base + t * D
         var p0 = SIMD[DType.float32, D](scores.unsafe_load(t))
         var p1 = SIMD[DType.float32, D](scores.unsafe_load(t + 1))
-        o0 = p0.fma(v_cache.unsafe_load[width=D](vt), o0)
-        o1 = p1.fma(v_cache.unsafe_load[width=D](vt + D), o1)
+        o0 = p0.fma(v_cache.unsafe_load[width=D](vt).cast[DType.float32](), o0)
+        o1 = p1.fma(v_cache.unsafe_load[width=D](vt + D).cast[DType.float32](), o1)
         t += 2
     if t < length:
         var p = SIMD[DType.float32, D](scores.unsafe_load(t))
-        o0 = p.fma(v_cache.unsafe_load[width=D](base + t * D), o0)
+        o0 = p.fma(v_cache.unsafe_load[width=D](base + t * D).cast[DType.float32](), o0)
     dst.unsafe_store(at, (o0 + o1) * (1.0 / denom))
 
 
@@ -81,8 +83,8 @@ def softmax_numerators(scores: Scratch, length: Int, m: Float32) -> Float32:
     return denom
 
 
-def attend_block[D: Int](
-    q: Ptr, keys_t: Scratch, stride_t: Int, v_cache: Ptr, dst: Ptr, scores: Scratch,
+def attend_block[D: Int, cache: DType](
+    q: Ptr, keys_t: Scratch, stride_t: Int, v_cache: CachePtr[cache], dst: Ptr, scores: Scratch,
     at: Int, step: Int, base: Int, first_length: Int, scale: Float32,
 ):
     """QB consecutive queries of one row: query j at `at + j * step` attends over keys
@@ -126,7 +128,7 @@ def attend_block[D: Int](
     var o2 = SIMD[DType.float32, D](0)
     var o3 = SIMD[DType.float32, D](0)
     for t in range(last):
-        var v = v_cache.unsafe_load[width=D](base + t * D)
+        var v = v_cache.unsafe_load[width=D](base + t * D).cast[DType.float32]()
         o0 = SIMD[DType.float32, D](scores.unsafe_load(t)).fma(v, o0)
         o1 = SIMD[DType.float32, D](scores.unsafe_load(MAX_LEN + t)).fma(v, o1)
         o2 = SIMD[DType.float32, D](scores.unsafe_load(2 * MAX_LEN + t)).fma(v, o2)
@@ -137,8 +139,8 @@ def attend_block[D: Int](
     dst.unsafe_store(at + 3 * step, o3 * (1.0 / denoms[3]))
 
 
-def attend_item[D: Int](
-    q: Ptr, k_new: Ptr, v_new: Ptr, k_cache: Ptr, v_cache: Ptr, dst: Ptr,
+def attend_item[D: Int, cache: DType](
+    q: Ptr, k_new: Ptr, v_new: Ptr, k_cache: CachePtr[cache], v_cache: CachePtr[cache], dst: Ptr,
     scores: Scratch, keys_t: Scratch,
     first: Int, n: Int, step: Int, base: Int, start: Int, scale: Float32,
 ):
@@ -147,28 +149,30 @@ def attend_item[D: Int](
     # The row's new keys and values go in first: its queries read them.
     for i in range(n):
         var at = base + (start + i) * D
-        k_cache.unsafe_store(at, k_new.unsafe_load[width=D](first + i * step))
-        v_cache.unsafe_store(at, v_new.unsafe_load[width=D](first + i * step))
+        k_cache.unsafe_store(at, k_new.unsafe_load[width=D](first + i * step).cast[cache]())
+        v_cache.unsafe_store(at, v_new.unsafe_load[width=D](first + i * step).cast[cache]())
     var i = 0
     if n >= QB:
         # Transpose the keys once for the whole chunk: [length, D] -> [D, stride].
         var length = start + n
         var stride = (length + W - 1) // W * W
         for t in range(length):
-            var key = k_cache.unsafe_load[width=D](base + t * D)
+            var key = k_cache.unsafe_load[width=D](base + t * D).cast[DType.float32]()
             comptime for d in range(D):
                 keys_t.unsafe_store(d * stride + t, key[d])
         for t in range(length, stride):
             comptime for d in range(D):
                 keys_t.unsafe_store(d * stride + t, Float32(0))
         while i + QB <= n:
-            attend_block[D](
+            attend_block[D, cache](
                 q, keys_t, stride, v_cache, dst, scores,
                 first + i * step, step, base, start + i + 1, scale,
             )
             i += QB
     while i < n:
-        attend_one[D](q, k_cache, v_cache, dst, scores, first + i * step, base, start + i + 1, scale)
+        attend_one[D, cache](
+            q, k_cache, v_cache, dst, scores, first + i * step, base, start + i + 1, scale
+        )
         i += 1
 
 
@@ -180,8 +184,8 @@ struct SlotAttention:
         q: InputTensor[dtype=DType.float32, rank=3, ...],  # [T, H, D]
         k_new: InputTensor[dtype=DType.float32, rank=3, ...],  # [T, H, D]
         v_new: InputTensor[dtype=DType.float32, rank=3, ...],  # [T, H, D]
-        k_cache: MutableInputTensor[dtype=DType.float32, rank=4, ...],  # [S, H, maxlen, D]
-        v_cache: MutableInputTensor[dtype=DType.float32, rank=4, ...],  # [S, H, maxlen, D]
+        k_cache: MutableInputTensor[rank=4, ...],  # [S, H, maxlen, D], float32 or float16
+        v_cache: MutableInputTensor[dtype=k_cache.dtype, rank=4, ...],  # [S, H, maxlen, D]
         row_offsets: InputTensor[dtype=DType.uint32, rank=1, ...],  # [B + 1]
         slots: InputTensor[dtype=DType.int64, rank=1, ...],  # [B]
         starts: InputTensor[dtype=DType.int64, rank=1, ...],  # [B]: tokens cached before
@@ -237,15 +241,15 @@ struct SlotAttention:
                 var first = (first_token * H + h) * D
                 var step = H * D
                 if D == 64:
-                    attend_item[64](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[64, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
                 elif D == 8:
-                    attend_item[8](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[8, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
                 elif D == 16:
-                    attend_item[16](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[16, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
                 elif D == 32:
-                    attend_item[32](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[32, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
                 else:
-                    attend_item[128](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[128, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
             scores.unsafe_free()
             keys_t.unsafe_free()
 
