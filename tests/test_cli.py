@@ -23,6 +23,9 @@ for args in (
     ["run", "in.jsonl", "in.jsonl"],
     ["run", "missing.jsonl", "out.jsonl"],
     ["gpt2", "--prompt", "x", "--chat"],
+    ["run", "in.jsonl", "out.jsonl", "--kv-cache", "slots", "--device", "gpu"],
+    ["run", "in.jsonl", "out.jsonl", "--kv-cache", "paged", "--kv-cache-dtype", "float16"],
+    ["bench", "--workloads", "uniform,warp"],
 ):
     result = CliRunner().invoke(cli, args)
     print(result.exit_code, result.output.splitlines()[-1] if result.output else "")
@@ -41,7 +44,24 @@ def test_help_version_and_usage_errors_import_nothing_heavy(tmp_path):
     )
     *answers, heavy = done.stdout.splitlines()
     codes = [int(line.split()[0]) for line in answers]
-    assert codes == [0, 0, 0, 2, 2, 2, 1, 2], done.stdout
+    assert codes == [0, 0, 0, 2, 2, 2, 1, 2, 2, 2, 2], done.stdout
     assert answers[1] == f"0 batchgen, version {batchgen.__version__}"
     assert "cannot read missing.jsonl" in answers[6]
+    assert "--kv-cache slots runs on the CPU" in answers[8]
+    assert "float16 goes with the slot cache" in answers[9]
+    assert "choose from uniform, step, mixed, long" in answers[10]
     assert heavy == "[]"
+
+
+def test_bench_prints_every_workload_it_is_asked_for(tiny_dir):
+    """A smoke run of `batchgen bench` on the 2-layer checkpoint: it runs and says what it ran."""
+    args = ["--model", str(tiny_dir), "--workloads", "uniform,step", "--batch-sizes", "1,2",
+            "--repeats", "1"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "batchgen", "bench", *args],
+        capture_output=True, text=True, env=child_env(), check=True,
+    )  # fmt: skip
+    out = done.stdout
+    assert "uniform: prompts ~32 tokens" in out and "    2 " in out
+    assert out.count("decode step, batch 8") == 2  # float32 and float16 keys and values
+    assert out.count("profile, decode step of 32 rows") == 4

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 from max.driver import CPU, Buffer
@@ -115,3 +118,38 @@ def test_a_float16_cache_stores_rounded_keys_and_attends_in_float32(slot_attenti
 def test_a_head_size_it_is_not_built_for_is_refused(slot_attention):
     with pytest.raises(ValueError, match="head_dim must be 8, 16, 32, 64 or 128"):
         run(slot_attention, np.random.default_rng(3), [(0, 0, 1)], head_dim=48)
+
+
+def test_the_op_is_built_once_per_source_and_cached(tmp_path, monkeypatch):
+    from batchgen.engine import kernels
+
+    monkeypatch.setenv("BATCHGEN_CACHE_DIR", str(tmp_path / "cache"))
+    source = tmp_path / "slot_attention"
+    shutil.copytree(kernels.SLOT_ATTENTION, source)
+    built = kernels.built_package(source)
+    assert built.name == "slot_attention.mojoc"
+    assert built.parent.parent == tmp_path / "cache" / "kernels"
+    stamp = built.stat().st_mtime_ns
+    calls = []
+
+    def compiler(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 1, "", "(not run)")
+
+    monkeypatch.setattr(kernels.subprocess, "run", compiler)
+    assert kernels.built_package(source) == built and not calls  # cached: no compiler run
+    assert built.stat().st_mtime_ns == stamp
+    (source / "__init__.mojo").write_text((source / "__init__.mojo").read_text() + "\n# edit\n")
+    with pytest.raises(kernels.KernelBuildError, match="not run"):  # a new hash: built again
+        kernels.built_package(source)
+    assert len(calls) == 1
+
+
+def test_a_missing_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    from batchgen.engine import kernels
+
+    monkeypatch.setenv("BATCHGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(kernels.sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(kernels.KernelBuildError, match="mojo-compiler.*--kv-cache paged"):
+        kernels.built_package()

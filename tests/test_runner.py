@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -319,3 +320,49 @@ def test_stdin_to_stdout(tmp_path: Path, tiny_dir: Path):
         lines = [orjson.loads(line) for line in done.stdout.splitlines()]
         assert sorted(r["id"] for r in lines) == list(range(len(PROMPTS)))
         assert (b"batchgen run:" in done.stderr) is not quiet
+
+
+def comparable_records(path: Path) -> dict[Any, Any]:
+    """Every line by what it accounts for, without timing, windows or OpenAI's random ids."""
+    out = {}
+    for record in read_jsonl(path):
+        if "custom_id" in record:
+            body = dict(record["response"]["body"])
+            del body["id"], body["created"]
+            extra = {k: v for k, v in record["batchgen"].items() if k not in ("timing", "window")}
+            out[record["custom_id"]] = (record["response"]["status_code"], body, extra)
+        else:
+            out[record["id"]] = {k: v for k, v in record.items() if k not in ("timing", "window")}
+    return out
+
+
+def test_both_caches_and_both_schedules_write_identical_records(tmp_path: Path, tiny_dir: Path):
+    rng = random.Random(3)
+    records: list[dict[str, Any]] = []
+    for i in range(40):
+        line: dict[str, Any] = {"id": i, "prompt": PROMPTS[i % 6], "max_tokens": rng.randint(1, 30)}
+        if i % 3 == 1:
+            line.update(temperature=1.2, seed=i, top_k=[0, 40][i % 2])
+        if i % 3 == 2:
+            line.update(temperature=0.8, top_p=0.9)  # seeded from --seed and the id
+        if i % 7 == 0:
+            line["stop"] = [" the"]
+        records.append(line)
+    records += [openai_line(f"o{i}", PROMPTS[i], max_tokens=5 + i, temperature=0.7, seed=i)
+                for i in range(6)]  # fmt: skip
+    records.append({"id": "long", "prompt": [464] * 900, "max_tokens": 20})
+    job = write_jsonl(tmp_path / "in.jsonl", records)
+    runs = {}
+    for name, args in (
+        ("slots", ()),
+        ("paged", ("--kv-cache", "paged")),
+        ("static", ("--schedule", "static", "--batch-size", 8)),
+        ("small steps", ("--batch-size", 5, "--step-tokens", 37)),
+    ):
+        out = tmp_path / f"{name}.jsonl"
+        result = run_cli(job, out, "--model", tiny_dir, "--seed", 9, "--token-ids", *args)
+        assert result.exit_code == 0, result.output
+        runs[name] = comparable_records(out)
+    assert len(runs["slots"]) == len(records)
+    for name, got in runs.items():
+        assert got == runs["slots"], name

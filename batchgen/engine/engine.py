@@ -206,6 +206,24 @@ def kv_cache_bytes(config: EngineConfig, device: Device) -> float:
     return min(CPU_KV_CACHE_GB * GiB, free / 4) if device.is_host else free / 2
 
 
+def build_cache(
+    checkpoint: Checkpoint, device: Device, dtype: DType, config: EngineConfig
+) -> tuple[KVCache, Runner]:
+    """The KV cache `config` asks for, allocated, and the compiled model that runs over it."""
+    model = checkpoint.config
+    kind = resolve_kv_cache(config.kv_cache, device, dtype, model)
+    budget = kv_cache_bytes(config, device)
+    rows = config.scheduler.max_rows
+    if kind == "slots":
+        cache_dtype = DType.float16 if config.kv_cache_dtype == "float16" else dtype
+        slots = SlotCache.within(budget, rows, model, cache_dtype, device)
+        return slots, SlotRunner(model, checkpoint.weights, dtype, device, slots)
+    if config.kv_cache_dtype not in ("auto", str(dtype).removeprefix("DType.")):
+        raise ValueError("--kv-cache-dtype other than the model's needs --kv-cache slots")
+    pages = PagedCache.within(budget, rows, model, dtype, device)
+    return pages, PagedRunner(model, checkpoint.weights, dtype, device, pages)
+
+
 class Engine:
     """GPT-2 compiled once for any number of rows and lengths, over one KV cache."""
 
@@ -227,22 +245,7 @@ class Engine:
         self.timings = EngineTimings()
         self.weights_bytes = sum(_nbytes(w) for w in checkpoint.weights.values())
         start = time.perf_counter()
-        kind = resolve_kv_cache(config.kv_cache, device, dtype, self.config)
-        budget = kv_cache_bytes(config, device)
-        rows = config.scheduler.max_rows
-        self.cache: KVCache
-        self.runner: Runner
-        if kind == "slots":
-            cache_dtype = DType.float16 if config.kv_cache_dtype == "float16" else dtype
-            slots = SlotCache.within(budget, rows, self.config, cache_dtype, device)
-            self.cache = slots
-            self.runner = SlotRunner(self.config, checkpoint.weights, dtype, device, slots)
-        else:
-            if config.kv_cache_dtype not in ("auto", str(dtype).removeprefix("DType.")):
-                raise ValueError("--kv-cache-dtype other than the model's needs --kv-cache slots")
-            pages = PagedCache.within(budget, rows, self.config, dtype, device)
-            self.cache = pages
-            self.runner = PagedRunner(self.config, checkpoint.weights, dtype, device, pages)
+        self.cache, self.runner = build_cache(checkpoint, device, dtype, config)
         self.timings.compile_s = time.perf_counter() - start
         self._sampler: Sampler | None = None
 

@@ -8,7 +8,7 @@ and only reads the row state: the engine owns it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,6 +16,7 @@ import numpy as np
 from max.driver import Buffer, Device
 from max.dtype import DType
 from max.experimental import functional as F
+from max.experimental.nn import Module
 from max.experimental.tensor import default_device, default_dtype
 from max.graph import DeviceRef
 
@@ -62,10 +63,7 @@ class SlotRunner:
         self.device = device
         self.cache = cache
         kernel = built_package()
-        # Lazy: parameters are declared, never initialised; `weights=` supplies them. The
-        # dtype and device are explicit because MAX's defaults differ between CPU and GPU.
-        with F.lazy(), default_dtype(dtype), default_device(device):
-            model = SlotGPT2(config)
+        model = declared(lambda: SlotGPT2(config), dtype, device)
         where = DeviceRef.from_device(device)
         self.graph = model.compile(
             *SlotInputs.types(where),
@@ -100,8 +98,7 @@ class PagedRunner:
     ):
         self.device = device
         self.cache = cache
-        with F.lazy(), default_dtype(dtype), default_device(device):
-            model = PagedGPT2(config, cache.params)
+        model = declared(lambda: PagedGPT2(config, cache.params), dtype, device)
         where = DeviceRef.from_device(device)
         self.graph = model.compile(
             *RaggedInputs.types(where), *cache.params.flattened_kv_inputs(), weights=weights
@@ -115,6 +112,13 @@ class PagedRunner:
 
     def run(self, plan: StepPlan) -> Emitted:
         return Emitted(emitting(plan), ModelOutputs(*self.graph(*self.inputs(plan))))
+
+
+def declared(build: Callable[[], Module], dtype: DType, device: Device) -> Module:
+    """The model's modules, lazily: parameters declared, never initialised (`compile`'s
+    `weights=` supplies them). dtype and device are explicit: MAX's defaults differ by device."""
+    with F.lazy(), default_dtype(dtype), default_device(device):
+        return build()
 
 
 def ragged_step(plan: StepPlan) -> tuple[list[Row], RaggedInputs]:
