@@ -384,10 +384,10 @@ class Engine:
             on_step(_step_record(clock.steps_total - 1, emitted, chosen))
         return finished
 
-    def _choose(self, group: Emitted) -> list[tuple[Row, int]]:
+    def _choose(self, emitted: Emitted) -> list[tuple[Row, int]]:
         """Next token per emitting row: the graph's argmax, or a seeded draw where asked."""
-        greedy = group.outputs.next_token.to(CPU()).to_numpy()
-        rows = group.rows
+        greedy = emitted.outputs.next_token.to(CPU()).to_numpy()
+        rows = emitted.rows
         if all(row is None or row.params.greedy for row in rows):
             return [(row, int(greedy[i])) for i, row in enumerate(rows) if row is not None]
         assert self._sampler is not None
@@ -395,7 +395,7 @@ class Engine:
         params = [SamplingParams() if row is None else row.params for row in rows]
         seeds = np.array([0 if row is None else row.seed for row in rows], np.uint64)
         index = np.array([0 if row is None else len(row.generated) for row in rows], np.int64)
-        drawn = self._sampler(group.outputs.logits, params, draw_keys(seeds, index))
+        drawn = self._sampler(emitted.outputs.logits, params, draw_keys(seeds, index))
         return [
             (row, int(greedy[i] if row.params.greedy else drawn[i]))
             for i, row in enumerate(rows)

@@ -32,7 +32,7 @@ class RunConfig:
     """How a job is scheduled and reported."""
 
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    window: int = 1024  # requests sorted by length before static batches are cut
+    window: int = 1024  # requests read ahead and ordered before they start (see _ordered)
     token_ids: bool = False  # also write each completion's token ids
     model_name: str = "gpt2"
     shard: Shard | None = None  # run only this shard's lines
