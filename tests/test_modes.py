@@ -168,7 +168,7 @@ def test_build_prompt_drops_oldest_turns_to_fit(tokenizer):
 def feed(reply: ReplyStream, ids: list[int]) -> int:
     """Drive a ReplyStream as the engine would; how many tokens until it saw a stop string."""
     for index, token in enumerate(ids):
-        reply.on_step(Step(index, [0], np.array([token]), logits=np.zeros((1, 0), np.float32)))
+        reply.on_step(Step(index, [0], np.array([token]), lambda: np.zeros((1, 0), np.float32)))
         if reply.stream.stopped:
             return index + 1
     return len(ids)

@@ -8,6 +8,7 @@ collects one call's requests.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -136,7 +137,13 @@ class Step:
     index: int
     rows: list[int]  # the rows' positions in the stream (request order in `generate`)
     tokens: np.ndarray  # int64 [len(rows)]
-    logits: np.ndarray  # float32 [len(rows), vocab], on the host
+    # Read only if asked for: most callbacks (a job's signal check) never look at them.
+    read_logits: Callable[[], np.ndarray] = field(repr=False)
+
+    @functools.cached_property
+    def logits(self) -> np.ndarray:
+        """float32 [len(rows), vocab], on the host."""
+        return self.read_logits()
 
     def token_of(self, row: int) -> int | None:
         return int(self.tokens[self.rows.index(row)]) if row in self.rows else None
@@ -473,5 +480,5 @@ def _step_record(index: int, emitted: Emitted, chosen: list[tuple[Row, int]]) ->
         index,
         [row.index for row, _ in chosen],
         np.array([token for _, token in chosen], np.int64),
-        emitted.outputs.logits.to(CPU()).to_numpy()[rows],
+        lambda: emitted.outputs.logits.to(CPU()).to_numpy()[rows],
     )

@@ -25,7 +25,7 @@ from max.graph import DeviceRef
 from max.nn.kv_cache import KVCacheInputsPerDevice, MHAKVCacheParams
 from max.nn.kv_cache.utils import padded_lut_cols
 
-from batchgen.engine.model import GPT2Config
+from batchgen.engine.model import GPT2Config, to_device
 
 PAGE_SIZE = 128
 
@@ -84,7 +84,6 @@ class SlotCache:
         self.buffers = [Buffer(dtype, shape, device) for _ in range(2 * config.n_layer)]
         self._free = list(range(slots))  # a heap: the lowest free slot goes first
         self._slot_of: dict[int, int] = {}
-        self._views: dict[int, list[Buffer]] = {}
 
     @classmethod
     def within(
@@ -108,13 +107,6 @@ class SlotCache:
 
     def slot(self, row: int) -> int:
         return self._slot_of[row]
-
-    def views(self, row: int) -> list[Buffer]:
-        """Every layer's K and V of this row's slot, [1, H, maxlen, D], sharing the memory."""
-        slot = self._slot_of[row]
-        if slot not in self._views:
-            self._views[slot] = [b[slot : slot + 1, :, :, :] for b in self.buffers]
-        return self._views[slot]
 
     @property
     def occupancy(self) -> float:
@@ -201,11 +193,10 @@ class PagedCache:
         key = self.params.resolve_attn_key(len(rows), max_new, max_total)
         dispatch = np.zeros(key.dispatch_metadata_spec().shape, np.int64)
         key.pack_into(dispatch, max_total)
-        on_device = [np.asarray(cached, np.uint32), lookup]
         values = KVCacheInputsPerDevice(
             kv_blocks=self.blocks,
-            cache_lengths=self._put(on_device[0]),
-            lookup_table=self._put(on_device[1]),
+            cache_lengths=to_device(np.asarray(cached, np.uint32), self.device),
+            lookup_table=to_device(lookup, self.device),
             max_prompt_length=Buffer.from_numpy(np.array([max_new], np.uint32)),
             max_cache_length=Buffer.from_numpy(np.array([max_total], np.uint32)),
             page_stride=Buffer.from_numpy(np.array([-1], np.int64)),  # pages are packed
@@ -227,7 +218,3 @@ class PagedCache:
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
-
-    def _put(self, array: np.ndarray) -> Buffer:
-        buffer = Buffer.from_numpy(np.ascontiguousarray(array))
-        return buffer if self.device.is_host else buffer.to(self.device)

@@ -85,7 +85,7 @@ class GraphInputs:
 
     def buffers(self, device: Device) -> list[Buffer]:
         arrays = (getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
-        return [_to_device(np.ascontiguousarray(a), device) for a in arrays]
+        return [to_device(a, device) for a in arrays]
 
 
 @dataclass(frozen=True)
@@ -290,8 +290,9 @@ def _last_of_each_row(x: Tensor, row_offsets: Tensor) -> Tensor:
     return F.gather(x, row_offsets[1:] - 1, axis=0)
 
 
-def _to_device(array: np.ndarray, device: Device) -> Buffer:
-    buffer = Buffer.from_numpy(array)
+def to_device(array: np.ndarray, device: Device) -> Buffer:
+    """A host array as a graph argument on `device` (no copy on the CPU)."""
+    buffer = Buffer.from_numpy(np.ascontiguousarray(array))
     return buffer if device.is_host else buffer.to(device)
 
 

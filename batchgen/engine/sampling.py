@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
-from max.driver import CPU, Buffer, Device
+from max.driver import CPU, Device
 from max.dtype import DType
 from max.experimental import compilation
 from max.experimental import functional as F
 from max.experimental.tensor import Tensor
 from max.graph import DeviceRef, TensorType
+
+from batchgen.engine.model import to_device
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NO_CUT = np.float32(-np.inf)
@@ -180,9 +182,5 @@ class Sampler:
             (keys >> np.uint64(32)).astype(np.uint32),
         ]
         columns = [inv_temperature, cuts, *halves]
-        tokens = self._graph(logits, *(self._put(c[:, None]) for c in columns))
+        tokens = self._graph(logits, *(to_device(c[:, None], self.device) for c in columns))
         return tokens.to(CPU()).to_numpy().astype(np.int64)
-
-    def _put(self, array: np.ndarray) -> Buffer:
-        buffer = Buffer.from_numpy(np.ascontiguousarray(array))
-        return buffer if self.device.is_host else buffer.to(self.device)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from max.dtype import DType
 from transformers import AutoTokenizer
 
 from batchgen.engine import Engine, EngineConfig, Request, SamplingParams, SchedulerConfig
@@ -267,10 +268,13 @@ def long_prompts(model_dir: Path, config: BenchConfig, scratch: Path, print_fn) 
 
 def _slot_bytes(model_dir: Path) -> int:
     """One full-context slot of float32 keys and values, from the checkpoint's config."""
-    import json
+    from transformers import GPT2Config as HFConfig
 
-    config = json.loads((model_dir / "config.json").read_text())
-    return 2 * config["n_layer"] * config["n_embd"] * config["n_positions"] * 4
+    from batchgen.engine.kv_cache import bytes_per_token
+    from batchgen.engine.weights import config_from_hf
+
+    config = config_from_hf(HFConfig.from_pretrained(model_dir))
+    return bytes_per_token(config, DType.float32) * config.n_positions
 
 
 def tutorial_benchmark(
