@@ -42,7 +42,7 @@ def test_a_result_that_cannot_be_written_becomes_its_error_line():
     """Defect 1, at the last step: formatting a result is one line's failure, not the job's."""
     job = JobLine(3, "x", "native", "hi", params=None, metadata=deep(300))
     completion = Completion([1], "length", 1, "text", Timing(0.0, 1.0, 0.0, 1))
-    line, ok = result_line(Result(job, completion, {}), "gpt2", False)
+    line, ok = result_line(Result(job, [[completion]], {}), "gpt2", False, ())
     assert not ok
     assert orjson.loads(line) == {
         "id": "x",
@@ -140,7 +140,7 @@ def test_openai_lines_report_the_model_that_ran_and_name_body_fields_alike(
         openai_line("ok", "Hi", model="gpt-4o", max_tokens=2),
         openai_line("typed", "Hi", max_tokens="x"),
         openai_line("long", "Hi", max_tokens=5000),
-        openai_line("unsupported", "Hi", n=3),
+        openai_line("unsupported", "Hi", n=17),
         {"custom_id": "no-prompt", "body": {"model": "gpt2"}},
     ]
     job = write_jsonl(tmp_path / "in.jsonl", records)

@@ -12,8 +12,10 @@ from batchgen.engine.sampling import SamplingParams, draw_keys
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("max_tokens", 0), ("temperature", -0.1), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
-     ("seed", -1), ("seed", 2**64)],
+    [("max_tokens", -1), ("temperature", -0.1), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+     ("seed", -1), ("seed", 2**64), ("n", 0), ("n", 17), ("best_of", 17),
+     ("logprobs", 21), ("logprobs", -1), ("prompt_logprobs", 21), ("presence_penalty", 2.5),
+     ("frequency_penalty", -2.5), ("logit_bias", ((5, 101.0),))],
 )  # fmt: skip
 def test_invalid_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"invalid {field}"):

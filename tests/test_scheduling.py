@@ -20,19 +20,24 @@ class RowsCache:
 
     def __init__(self, rows: int, tokens: int = 1024):
         self.rows, self.tokens = rows, tokens
-        self.held: set[int] = set()
+        self.held: set[tuple[int, int]] = set()
+        self.forks: list[tuple[tuple[int, int], tuple[int, int], int]] = []
 
-    def fits(self, tokens: int) -> bool:
-        return tokens <= self.tokens
+    def fits(self, tokens: int, rows: int = 1) -> bool:
+        return tokens <= self.tokens and rows <= self.rows
 
-    def admit(self, row: int, tokens: int) -> bool:
+    def admit(self, row: tuple[int, int], tokens: int) -> bool:
         if len(self.held) == self.rows or tokens > self.tokens:
             return False
         self.held.add(row)
         return True
 
-    def release(self, row: int) -> None:
+    def release(self, row: tuple[int, int]) -> None:
         self.held.remove(row)
+
+    def fork(self, source: tuple[int, int], target: tuple[int, int], tokens: int) -> bool:
+        self.forks.append((source, target, tokens))
+        return True
 
     @property
     def occupancy(self) -> float:
@@ -82,7 +87,7 @@ def test_rows_are_admitted_first_come_up_to_max_rows_and_the_cache():
     assert [e[1] for e in run_plan(scheduler)] == [0, 1]  # the cache holds two
     first = scheduler.running[0]
     scheduler.finish(first)
-    assert cache.held == {1}
+    assert cache.held == {(1, 0)}
     assert [e[:2] for e in run_plan(scheduler)] == [("decode", 1), ("prefill", 2)]
     # A row too big for any cache is refused when it arrives, never queued forever.
     with pytest.raises(ValueError, match="needs 2004 tokens of KV cache"):

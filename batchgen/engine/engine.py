@@ -24,10 +24,23 @@ from transformers import PreTrainedTokenizerBase
 
 from batchgen.engine.kernels import SLOT_HEAD_DIMS
 from batchgen.engine.kv_cache import KVCache, PagedCache, SlotCache
-from batchgen.engine.model import GPT2Config
+from batchgen.engine.model import GPT2Config, to_device
 from batchgen.engine.runners import Emitted, PagedRunner, Runner, SlotRunner
-from batchgen.engine.sampling import Sampler, SamplingParams, draw_keys
-from batchgen.engine.scheduler import FinishReason, Row, Scheduler, SchedulerConfig
+from batchgen.engine.sampling import (
+    LogprobScorer,
+    Sampler,
+    SamplingParams,
+    adjusted,
+    derive_seed,
+    draw_keys,
+)
+from batchgen.engine.scheduler import (
+    FinishReason,
+    Row,
+    Scheduler,
+    SchedulerConfig,
+    TokenLogprob,
+)
 from batchgen.engine.textstream import TextStream, decode, token_bytes
 from batchgen.engine.weights import Checkpoint, load_checkpoint, load_tokenizer
 
@@ -75,13 +88,18 @@ class Timing:
 
 @dataclass
 class Completion:
-    """What one request produced: its tokens (EOS included) and its text (stop string cut)."""
+    """What one choice of a request produced: its tokens (EOS included), its text (stop
+    string cut) and, where asked, log-probabilities."""
 
     token_ids: list[int]
     finish_reason: FinishReason  # "stop": EOS or a stop string; "length": max_tokens
     prompt_tokens: int
     text: str
     timing: Timing
+    logprobs: list[TokenLogprob] | None = None  # per generated token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # prompt[1:] (params.prompt_logprobs)
+    cumulative_logprob: float | None = None  # of the generated tokens, where scored
+    prompt_token_ids: Sequence[int] = ()
 
     @property
     def completion_tokens(self) -> int:
@@ -103,10 +121,15 @@ class WindowStats:
 
 @dataclass(frozen=True)
 class Finished:
-    """A finished request: its position in the stream, and what it produced."""
+    """A finished request: its position in the stream, and its choices (n of them)."""
 
     index: int
-    completion: Completion
+    completions: list[Completion]
+
+    @property
+    def completion(self) -> Completion:
+        """The first choice: the only one unless n > 1."""
+        return self.completions[0]
 
 
 @dataclass(frozen=True)
@@ -173,7 +196,8 @@ class EngineTimings:
 
     load_s: float = 0.0  # checkpoint and tokenizer from disk
     compile_s: float = 0.0  # the model's graphs, weights to the device included
-    sampler_compile_s: float = 0.0  # the first time a request samples
+    # The sampler's and the logprob scorer's graphs, the first time a request needs them.
+    sampler_compile_s: float = 0.0
 
 
 def resolve_device(config: EngineConfig) -> tuple[Device, DType]:
@@ -255,6 +279,7 @@ class Engine:
         self.cache, self.runner = build_cache(checkpoint, device, dtype, config)
         self.timings.compile_s = time.perf_counter() - start
         self._sampler: Sampler | None = None
+        self._scorer: LogprobScorer | None = None
 
     @classmethod
     def from_pretrained(
@@ -281,11 +306,26 @@ class Engine:
             raise ValueError(
                 f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})"
             )
+        if request.params.logit_bias and max(t for t, _ in request.params.logit_bias) >= (
+            self.config.vocab_size
+        ):
+            raise ValueError(f"logit_bias: token ids are 0..{self.config.vocab_size - 1}")
         if n_prompt + request.params.max_tokens > limit:
             raise ContextLengthError(
                 f"prompt ({n_prompt} tokens) + max_tokens "
                 f"({request.params.max_tokens}) exceeds the model's context of "
                 f"{limit} tokens"
+            )
+        choices = request.params.choices
+        if choices > self.schedule.max_rows:
+            raise ValueError(
+                f"the request runs {choices} choices at once (n, best_of); --batch-size "
+                f"{self.schedule.max_rows} allows fewer"
+            )
+        if not self.cache.fits(n_prompt + request.params.max_tokens, choices):
+            raise ValueError(
+                f"{choices} choices of {n_prompt} + {request.params.max_tokens} tokens do not "
+                "fit the whole KV cache: raise --kv-cache-gb"
             )
 
     def generate(
@@ -322,6 +362,7 @@ class Engine:
         source = iter(requests)
         arrivals = windows = 0
         clock = _WindowClock()
+        groups: dict[int, Row] = {}  # each unfinished request's first row
         try:
             while True:
                 while len(scheduler.waiting) < config.max_rows:
@@ -336,10 +377,11 @@ class Engine:
                         for other in (*scheduler.waiting, *scheduler.running):
                             other.shift(spent)
                     scheduler.add(row)
+                    groups[row.index] = row
                     arrivals += 1
                 if not scheduler.busy:
                     return
-                finished = self._step(scheduler, clock, on_step)
+                finished = self._step(scheduler, clock, groups, on_step)
                 if finished:
                     yield clock.window(windows, finished)
                     windows += 1
@@ -351,19 +393,46 @@ class Engine:
         if self._sampler is None:
             start = time.perf_counter()
             self._sampler = Sampler(self.config.vocab_size, self.device)
-            self.timings.sampler_compile_s = time.perf_counter() - start
+            self.timings.sampler_compile_s += time.perf_counter() - start
+
+    def compile_scorer(self) -> None:
+        """Compile the logprob scorer if not yet done (when a request asks for logprobs)."""
+        if self._scorer is None:
+            start = time.perf_counter()
+            self._scorer = LogprobScorer(self.config.vocab_size, self.device)
+            self.timings.sampler_compile_s += time.perf_counter() - start
 
     def _row(self, index: int, request: Request) -> Row:
+        """The request's first row, carrying its other choices (n, best_of) as followers."""
         self.check(request)
         params = request.params
         if not params.greedy:
             self.compile_sampler()
-        stream = TextStream(self.vocab_bytes, params.stop) if params.stop else None
+        if params.scores or params.prompt_logprobs is not None:
+            self.compile_scorer()
         seed = secrets.randbits(64) if params.seed is None else params.seed
-        return Row(index, request.prompt_token_ids, params, seed, time.perf_counter(), stream)
+        rows = [
+            Row(
+                index,
+                request.prompt_token_ids,
+                params,
+                # Each choice its own stream, from the request's seed: reproducible.
+                seed if choice == 0 else derive_seed(seed, choice),
+                time.perf_counter(),
+                TextStream(self.vocab_bytes, params.stop) if params.stop else None,
+                choice=choice,
+            )
+            for choice in range(params.choices)
+        ]
+        rows[0].followers = rows[1:]
+        return rows[0]
 
     def _step(
-        self, scheduler: Scheduler, clock: _WindowClock, on_step: OnStep | None
+        self,
+        scheduler: Scheduler,
+        clock: _WindowClock,
+        groups: dict[int, Row],
+        on_step: OnStep | None,
     ) -> list[Finished]:
         plan = scheduler.schedule(time.perf_counter())
         clock.step(plan.rows, plan.prompt_tokens, self.cache.occupancy)
@@ -373,41 +442,96 @@ class Engine:
         for row, n in plan.prefill:
             row.computed += n
         chosen = self._choose(emitted)
+        self._score(emitted, chosen)
         now = time.perf_counter()
         finished = []
-        for row, token in chosen:
+        appended = []
+        for i, row, token in chosen:
             if row.first_token is None:
                 row.first_token = now
-            row.generated.append(token)
-            if row.stream is not None:
-                row.stream.push(token)
-            row.finish_reason = check_stop(row, self.config.eos_token_id)
+                if row.followers:
+                    scheduler.fork(row)  # before the row can finish and free its cache
+            if row.params.max_tokens == 0:
+                row.finish_reason = "length"  # a scoring request: the prompt was all
+            else:
+                appended.append((i, row, token))
+                row.generated.append(token)
+                if row.stream is not None:
+                    row.stream.push(token)
+                row.finish_reason = check_stop(row, self.config.eos_token_id)
             if row.finish_reason is not None:
                 row.finished = now
                 scheduler.finish(row)
-                finished.append(Finished(row.index, self._completion(row)))
-        clock.generated += len(chosen)
+                group = [groups[row.index], *groups[row.index].followers]
+                if all(member.finished is not None for member in group):
+                    finished.append(Finished(row.index, self._choices(group)))
+                    del groups[row.index]
+        clock.generated += len(appended)
         if on_step is not None:
-            on_step(_step_record(clock.steps_total - 1, emitted, chosen))
+            on_step(_step_record(clock.steps_total - 1, emitted, appended))
         return finished
 
-    def _choose(self, emitted: Emitted) -> list[tuple[Row, int]]:
-        """Next token per emitting row: the graph's argmax, or a seeded draw where asked."""
-        greedy = emitted.outputs.next_token.to(CPU()).to_numpy()
+    def _choose(self, emitted: Emitted) -> list[tuple[int, Row, int]]:
+        """(output row, row, next token) per emitting row: the graph's argmax, or a seeded
+        draw where asked; penalties and logit_bias first where a row has them."""
+        greedy = emitted.outputs.next_token.to(CPU()).to_numpy().copy()
+        logits = emitted.outputs.logits
         rows = emitted.rows
+        adjusting = [i for i, row in enumerate(rows) if row is not None and row.params.adjusts]
+        if adjusting:
+            # Per row on the host: a row's counts and biases touch few of its logits.
+            host = logits.to(CPU()).to_numpy().copy()
+            for i in adjusting:
+                row = rows[i]
+                assert row is not None
+                host[i] = adjusted(host[i], row.params, row.generated)
+                greedy[i] = int(np.argmax(host[i]))
+            logits = to_device(host, self.device)
         if all(row is None or row.params.greedy for row in rows):
-            return [(row, int(greedy[i])) for i, row in enumerate(rows) if row is not None]
+            return [(i, row, int(greedy[i])) for i, row in enumerate(rows) if row is not None]
         assert self._sampler is not None
         # Rows that do not draw get greedy parameters and a throwaway key.
         params = [SamplingParams() if row is None else row.params for row in rows]
         seeds = np.array([0 if row is None else row.seed for row in rows], np.uint64)
         index = np.array([0 if row is None else len(row.generated) for row in rows], np.int64)
-        drawn = self._sampler(emitted.outputs.logits, params, draw_keys(seeds, index))
+        drawn = self._sampler(logits, params, draw_keys(seeds, index))
         return [
-            (row, int(greedy[i] if row.params.greedy else drawn[i]))
+            (i, row, int(greedy[i] if row.params.greedy else drawn[i]))
             for i, row in enumerate(rows)
             if row is not None
         ]
+
+    def _score(self, emitted: Emitted, chosen: list[tuple[int, Row, int]]) -> None:
+        """Log-probabilities of the chosen tokens and of scored prompt tokens, where asked."""
+        wanted = [(i, row, token) for i, row, token in chosen if row.params.scores]
+        scored = emitted.layout.scored
+        if not (wanted or scored):
+            return
+        assert self._scorer is not None
+        targets = np.zeros(len(emitted.rows), np.int64)
+        for i, _, token in wanted:
+            targets[i] = token
+        for i, row, position in scored:
+            targets[i] = row.prompt[position + 1]
+        target, top, ids = self._scorer(emitted.outputs.logits, targets)
+
+        def entry(i: int, k: int | None) -> TokenLogprob:
+            pairs = zip(ids[i, : k or 0].tolist(), top[i, : k or 0].tolist(), strict=True)
+            return TokenLogprob(int(targets[i]), float(target[i]), tuple(pairs))
+
+        for i, row, _ in wanted:
+            if row.params.max_tokens:
+                row.logprobs.append(entry(i, row.params.logprobs))
+        for i, row, _ in scored:
+            row.prompt_logprobs.append(entry(i, row.params.prompt_logprobs))
+
+    def _choices(self, group: list[Row]) -> list[Completion]:
+        """A finished request's n choices: all of them, or with best_of the n likeliest."""
+        completions = [self._completion(row) for row in group]
+        n = group[0].params.n
+        if len(completions) > n:
+            completions.sort(key=lambda c: -(c.cumulative_logprob or 0.0))
+        return completions[:n]
 
     def _completion(self, row: Row) -> Completion:
         assert row.admitted is not None and row.first_token is not None
@@ -422,7 +546,18 @@ class Engine:
             text = decode(self.vocab_bytes, row.generated)
         else:
             text = row.stream.text + row.stream.finish()  # empty once a stop string was seen
-        return Completion(row.generated, row.finish_reason, len(row.prompt), text, timing)
+        params = row.params
+        return Completion(
+            row.generated,
+            row.finish_reason,
+            len(row.prompt),
+            text,
+            timing,
+            logprobs=row.logprobs if params.logprobs is not None else None,
+            prompt_logprobs=row.prompt_logprobs if params.prompt_logprobs is not None else None,
+            cumulative_logprob=sum(t.logprob for t in row.logprobs) if params.scores else None,
+            prompt_token_ids=row.prompt,
+        )
 
 
 def _nbytes(array: np.ndarray | torch.Tensor) -> int:
@@ -474,11 +609,13 @@ class _WindowClock:
         return Window(finished, stats)
 
 
-def _step_record(index: int, emitted: Emitted, chosen: list[tuple[Row, int]]) -> Step:
-    rows = [i for i, row in enumerate(emitted.rows) if row is not None]
+def _step_record(index: int, emitted: Emitted, chosen: list[tuple[int, Row, int]]) -> Step:
+    """The step as callers see it: each request's first choice that got a token."""
+    first = [(i, row, token) for i, row, token in chosen if row.choice == 0]
+    outputs = [i for i, _, _ in first]
     return Step(
         index,
-        [row.index for row, _ in chosen],
-        np.array([token for _, token in chosen], np.int64),
-        lambda: emitted.outputs.logits.to(CPU()).to_numpy()[rows],
+        [row.index for _, row, _ in first],
+        np.array([token for _, _, token in first], np.int64),
+        lambda: emitted.outputs.logits.to(CPU()).to_numpy()[outputs],
     )

@@ -14,7 +14,7 @@ Both are sized from a memory budget and allocated once, on the device.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -35,15 +35,20 @@ class KVCache(Protocol):
 
     kind: str  # "slots" or "paged"
 
-    def fits(self, tokens: int) -> bool:
-        """Whether a row of this many tokens fits an empty cache at all."""
+    def fits(self, tokens: int, rows: int = 1) -> bool:
+        """Whether `rows` rows of this many tokens fit an empty cache at all."""
         ...
 
-    def admit(self, row: int, tokens: int) -> bool:
+    def admit(self, row: Hashable, tokens: int) -> bool:
         """Reserve room for row `row`'s `tokens` positions; False (nothing reserved) if full."""
         ...
 
-    def release(self, row: int) -> None: ...
+    def release(self, row: Hashable) -> None: ...
+
+    def fork(self, source: Hashable, target: Hashable, tokens: int) -> bool:
+        """Copy the first `tokens` positions of one row's keys and values to another's;
+        False where this cache cannot (the target then prefills them itself)."""
+        ...
 
     @property
     def occupancy(self) -> float:
@@ -83,7 +88,9 @@ class SlotCache:
         # cost seconds at start-up and commit the whole budget at once.
         self.buffers = [Buffer(dtype, shape, device) for _ in range(2 * config.n_layer)]
         self._free = list(range(slots))  # a heap: the lowest free slot goes first
-        self._slot_of: dict[int, int] = {}
+        self._slot_of: dict[Hashable, int] = {}
+        # Host views of the buffers (the slot cache lives in host memory), for forks.
+        self._arrays = [b.to_numpy() for b in self.buffers] if device.is_host else []
 
     @classmethod
     def within(
@@ -93,19 +100,27 @@ class SlotCache:
         per_slot = bytes_per_token(config, dtype) * config.n_positions
         return cls(config, dtype, device, min(int(budget_bytes // per_slot), rows))
 
-    def fits(self, tokens: int) -> bool:
-        return tokens <= self.maxlen
+    def fits(self, tokens: int, rows: int = 1) -> bool:
+        return tokens <= self.maxlen and rows <= self.slots
 
-    def admit(self, row: int, tokens: int) -> bool:
+    def admit(self, row: Hashable, tokens: int) -> bool:
         if not self._free or tokens > self.maxlen:
             return False
         self._slot_of[row] = heapq.heappop(self._free)
         return True
 
-    def release(self, row: int) -> None:
+    def release(self, row: Hashable) -> None:
         heapq.heappush(self._free, self._slot_of.pop(row))
 
-    def slot(self, row: int) -> int:
+    def fork(self, source: Hashable, target: Hashable, tokens: int) -> bool:
+        if not self._arrays:
+            return False
+        src, dst = self._slot_of[source], self._slot_of[target]
+        for array in self._arrays:
+            array[dst, :, :tokens] = array[src, :, :tokens]
+        return True
+
+    def slot(self, row: Hashable) -> int:
         return self._slot_of[row]
 
     @property
@@ -153,7 +168,7 @@ class PagedCache:
         # zero weight times garbage could be NaN.
         self.blocks = Buffer.zeros([pages + 1, *self.params.shape_per_block], dtype, device)
         self._free = list(range(pages))
-        self._pages_of: dict[int, list[int]] = {}
+        self._pages_of: dict[Hashable, list[int]] = {}
 
     @classmethod
     def within(
@@ -165,21 +180,30 @@ class PagedCache:
         full_rows = rows * -(-config.n_positions // PAGE_SIZE)
         return cls(config, dtype, device, min(int(budget_bytes // per_page) - 1, full_rows))
 
-    def fits(self, tokens: int) -> bool:
-        return self._pages_for(tokens) <= self.pages
+    def fits(self, tokens: int, rows: int = 1) -> bool:
+        return rows * self._pages_for(tokens) <= self.pages
 
-    def admit(self, row: int, tokens: int) -> bool:
+    def admit(self, row: Hashable, tokens: int) -> bool:
         need = self._pages_for(tokens)
         if need > len(self._free):
             return False
         self._pages_of[row] = [self._free.pop() for _ in range(need)]
         return True
 
-    def release(self, row: int) -> None:
+    def release(self, row: Hashable) -> None:
         self._free.extend(self._pages_of.pop(row))
 
+    def fork(self, source: Hashable, target: Hashable, tokens: int) -> bool:
+        # Whole pages, copied on the device; the kernels mask what lies past a row's length.
+        rest = (slice(None),) * (self.blocks.rank - 1)  # Buffer views take no Ellipsis
+        count = self._pages_for(tokens)
+        for src, dst in zip(self._pages_of[source][:count], self._pages_of[target], strict=False):
+            page = self.blocks[(slice(src, src + 1), *rest)]
+            self.blocks[(slice(dst, dst + 1), *rest)].inplace_copy_from(page)
+        return True
+
     def kv_inputs(
-        self, rows: Sequence[int], cached: Sequence[int], new: Sequence[int]
+        self, rows: Sequence[Hashable], cached: Sequence[int], new: Sequence[int]
     ) -> list[Buffer]:
         """The paged cache's graph inputs for a step: row i has `cached[i]` tokens in the
         cache and `new[i]` arriving (MHAKVCacheParams.flattened_kv_inputs order)."""

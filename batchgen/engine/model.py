@@ -8,7 +8,8 @@ so one graph serves prefill, decode and mixed steps, with no padding and no host
   K/V at its own slot and positions and attends over that row's own tokens only.
 - `PagedGPT2`: MAX's paged cache and its `flash_attention_ragged` kernels.
 
-Each returns `ModelOutputs`: per row, the logits after its last new token and their argmax.
+Each returns `ModelOutputs`: the logits after the new tokens the step asks for (each row's
+last, or every token of a prompt being scored) and their argmax.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ class GPT2Config:
 class ModelOutputs(NamedTuple):
     """What every forward returns, one row per row of the call."""
 
-    next_token: Tensor  # int64 [B]: argmax of `logits`, the greedy choice
-    logits: Tensor  # float32 [B, V]: after each row's last new token
+    next_token: Tensor  # int64 [L]: argmax of `logits`, the greedy choice
+    logits: Tensor  # float32 [L, V]: after each token named by `logit_indices`
 
 
 # Graph inputs: each dataclass below fixes its graph's argument order once, by field order.
@@ -96,6 +97,9 @@ class RaggedInputs(GraphInputs):
     positions: np.ndarray = graph_input(DType.int64, ["tokens"])
     # Row b's tokens are [row_offsets[b], row_offsets[b + 1]).
     row_offsets: np.ndarray = graph_input(DType.uint32, ["rows_plus_one"])
+    # The tokens whose next-token logits are computed: each row's last, or all of a prompt
+    # chunk being scored (the LM head is a fifth of a token's cost: only where needed).
+    logit_indices: np.ndarray = graph_input(DType.int64, ["logit_rows"])
 
 
 @dataclass(frozen=True)
@@ -172,10 +176,11 @@ class GPT2LMHeadModel(Module):
         t = self.transformer
         return t.wte(tokens) + t.wpe(positions)
 
-    def head(self, last: Tensor) -> ModelOutputs:
-        """[B, E] hidden states of each row's last new token -> logits and their argmax."""
+    def head(self, x: Tensor, logit_indices: Tensor) -> ModelOutputs:
+        """[T, E] hidden states -> logits [L, V] after the tokens asked for, and their argmax."""
         t = self.transformer
-        logits = _as(t.ln_f(last) @ t.wte.weight.T, DType.float32)
+        chosen = F.gather(x, logit_indices, axis=0)  # [L, E]
+        logits = _as(t.ln_f(chosen) @ t.wte.weight.T, DType.float32)
         return ModelOutputs(F.argmax(logits, axis=-1).reshape([logits.shape[0]]), logits)
 
 
@@ -185,6 +190,7 @@ class SlotGPT2(GPT2LMHeadModel):
         tokens: Tensor,
         positions: Tensor,
         row_offsets: Tensor,
+        logit_indices: Tensor,
         slots: Tensor,
         starts: Tensor,
         *caches: Tensor,
@@ -200,7 +206,7 @@ class SlotGPT2(GPT2LMHeadModel):
                 starts=starts,
             )
             x = block(x, attend)
-        return self.head(_last_of_each_row(x, row_offsets))
+        return self.head(x, logit_indices)
 
 
 class PagedGPT2(GPT2LMHeadModel):
@@ -209,7 +215,12 @@ class PagedGPT2(GPT2LMHeadModel):
         self.kv_params = kv_params
 
     def forward(
-        self, tokens: Tensor, positions: Tensor, row_offsets: Tensor, *kv_inputs: Tensor
+        self,
+        tokens: Tensor,
+        positions: Tensor,
+        row_offsets: Tensor,
+        logit_indices: Tensor,
+        *kv_inputs: Tensor,
     ) -> ModelOutputs:
         (kv,) = self.kv_params.unflatten_kv_inputs(iter(t._graph_value for t in kv_inputs))
         x = self.embed(tokens, positions)  # [T, E]
@@ -223,7 +234,7 @@ class PagedGPT2(GPT2LMHeadModel):
                 scale=self.scale,
             )
             x = block(x, attend)
-        return self.head(_last_of_each_row(x, row_offsets))
+        return self.head(x, logit_indices)
 
 
 def slot_attention(
@@ -283,11 +294,6 @@ def paged_attention(
         mask_variant=MHAMaskVariant.CAUSAL_MASK,
         scale=scale,
     )
-
-
-def _last_of_each_row(x: Tensor, row_offsets: Tensor) -> Tensor:
-    """[T, E] -> [B, E]: every row has at least one new token; its last ends its range."""
-    return F.gather(x, row_offsets[1:] - 1, axis=0)
 
 
 def to_device(array: np.ndarray, device: Device) -> Buffer:

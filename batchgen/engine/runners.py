@@ -35,12 +35,25 @@ from batchgen.engine.scheduler import Row, StepPlan
 
 
 @dataclass(frozen=True)
-class Emitted:
-    """A step's outputs: output row i belongs to rows[i], or to a prompt chunk that does not
-    end its prompt (None), whose logits mean nothing yet."""
+class Layout:
+    """What each output row of a step is for: rows[i] gets its next token from output i (None:
+    a prompt chunk that does not end its prompt); `scored` are (output, row, position) whose
+    logits are those of prompt[position + 1], for a prompt being scored."""
 
     rows: list[Row | None]
+    scored: list[tuple[int, Row, int]]
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """A step's outputs and what each output row is for."""
+
+    layout: Layout
     outputs: ModelOutputs
+
+    @property
+    def rows(self) -> list[Row | None]:
+        return self.layout.rows
 
 
 class Runner(Protocol):
@@ -73,18 +86,22 @@ class SlotRunner:
         )
 
     def inputs(self, plan: StepPlan) -> list[Buffer]:
-        rows, ragged = ragged_step(plan)
+        return self._buffers(*ragged_step(plan)[:2])
+
+    def run(self, plan: StepPlan) -> Emitted:
+        rows, ragged, layout = ragged_step(plan)
+        return Emitted(layout, ModelOutputs(*self.graph(*self._buffers(rows, ragged))))
+
+    def _buffers(self, rows: list[Row], ragged: RaggedInputs) -> list[Buffer]:
         inputs = SlotInputs(
             ragged.tokens,
             ragged.positions,
             ragged.row_offsets,
-            slots=np.array([self.cache.slot(r.index) for r in rows], np.int64),
+            ragged.logit_indices,
+            slots=np.array([self.cache.slot(r.key) for r in rows], np.int64),
             starts=np.array([r.computed for r in rows], np.int64),
         )
         return [*inputs.buffers(self.device), *self.cache.buffers]
-
-    def run(self, plan: StepPlan) -> Emitted:
-        return Emitted(emitting(plan), ModelOutputs(*self.graph(*self.inputs(plan))))
 
 
 class PagedRunner:
@@ -105,13 +122,16 @@ class PagedRunner:
         )
 
     def inputs(self, plan: StepPlan) -> list[Buffer]:
-        rows, ragged = ragged_step(plan)
-        new = np.diff(ragged.row_offsets).tolist()
-        kv = self.cache.kv_inputs([r.index for r in rows], [r.computed for r in rows], new)
-        return [*ragged.buffers(self.device), *kv]
+        return self._buffers(*ragged_step(plan)[:2])
 
     def run(self, plan: StepPlan) -> Emitted:
-        return Emitted(emitting(plan), ModelOutputs(*self.graph(*self.inputs(plan))))
+        rows, ragged, layout = ragged_step(plan)
+        return Emitted(layout, ModelOutputs(*self.graph(*self._buffers(rows, ragged))))
+
+    def _buffers(self, rows: list[Row], ragged: RaggedInputs) -> list[Buffer]:
+        new = np.diff(ragged.row_offsets).tolist()
+        kv = self.cache.kv_inputs([r.key for r in rows], [r.computed for r in rows], new)
+        return [*ragged.buffers(self.device), *kv]
 
 
 def declared(build: Callable[[], Module], dtype: DType, device: Device) -> Module:
@@ -121,21 +141,32 @@ def declared(build: Callable[[], Module], dtype: DType, device: Device) -> Modul
         return build()
 
 
-def ragged_step(plan: StepPlan) -> tuple[list[Row], RaggedInputs]:
-    """The step's rows (decode rows first) and their new tokens, concatenated."""
+def ragged_step(plan: StepPlan) -> tuple[list[Row], RaggedInputs, Layout]:
+    """The step's rows (decode rows first), their new tokens concatenated, and what each
+    output row is for."""
     rows = [*plan.decode, *(row for row, _ in plan.prefill)]
     pieces = [[row.generated[-1]] for row in plan.decode]
     pieces += [row.prompt[row.computed : row.computed + n] for row, n in plan.prefill]
     counts = [len(p) for p in pieces]
     positions = [np.arange(r.computed, r.computed + n) for r, n in zip(rows, counts, strict=True)]
-    return rows, RaggedInputs(
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    indices: list[int] = []
+    layout = Layout([], [])
+    for row, start, count in zip(rows, offsets[:-1].tolist(), counts, strict=True):
+        first = row.computed  # the position of the row's first new token
+        ends_prompt = first + count >= len(row.prompt)
+        scoring = row.prefilling and row.params.prompt_logprobs is not None and row.choice == 0
+        for position in range(first, first + count) if scoring else [first + count - 1]:
+            if scoring and position < len(row.prompt) - 1:
+                layout.scored.append((len(indices), row, position))
+                layout.rows.append(None)
+            else:
+                layout.rows.append(row if ends_prompt else None)
+            indices.append(start + position - first)
+    ragged = RaggedInputs(
         tokens=np.concatenate([np.asarray(p, np.int64) for p in pieces]),
         positions=np.concatenate(positions).astype(np.int64),
-        row_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32),
+        row_offsets=offsets.astype(np.uint32),
+        logit_indices=np.asarray(indices, np.int64),
     )
-
-
-def emitting(plan: StepPlan) -> list[Row | None]:
-    """Per step row, the row if it gets a token this step (None: its prompt goes on)."""
-    ends = [row if row.computed + n == len(row.prompt) else None for row, n in plan.prefill]
-    return [*plan.decode, *ends]
+    return rows, ragged, layout

@@ -29,6 +29,9 @@ _NO_CUT = np.float32(-np.inf)
 # How many of the likeliest tokens a top-p cut looks at first; more only if they hold too
 # little of the mass (a trained model's nucleus is far smaller; a flat one may need all).
 _TOP_P_FIRST_LOOK = 1024
+MAX_CHOICES = 16  # n and best_of at most (OpenAI caps best_of at 20; vLLM has no cap)
+MAX_LOGPROBS = 20  # alternatives per token at most, as OpenAI allows
+MAX_LOGIT_BIAS = 100.0
 
 
 class ParamError(ValueError):
@@ -44,7 +47,7 @@ class ParamError(ValueError):
 class SamplingParams:
     """How one request is decoded; temperature 0 means greedy."""
 
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: prefill only (a scoring request, with prompt_logprobs)
     temperature: float = 0.0
     top_k: int = 0  # 0: no top-k cut
     top_p: float = 1.0
@@ -52,16 +55,35 @@ class SamplingParams:
     ignore_eos: bool = False
     # The row ends as soon as its text contains one of these; the text excludes it.
     stop: tuple[str, ...] = ()
+    n: int = 1  # choices returned
+    best_of: int | None = None  # choices generated (None: n); the n likeliest are returned
+    # Log-probabilities under the model's own distribution (log-softmax of its float32 logits,
+    # before penalties, bias, temperature, top-k and top-p), with this many alternatives:
+    logprobs: int | None = None  # of each generated token; None: none
+    prompt_logprobs: int | None = None  # of each prompt token after the first (echo)
+    presence_penalty: float = 0.0  # OpenAI's: minus this once a token has been generated
+    frequency_penalty: float = 0.0  # minus this times how often it has been generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     def __post_init__(self) -> None:
         # The sampler computes in float32: the values must survive the cast.
         checks = {
-            "max_tokens": self.max_tokens >= 1,
+            "max_tokens": self.max_tokens >= 0,
             "temperature": 0.0 <= self.temperature <= _FLOAT32_MAX,
             "top_k": self.top_k >= 0,
             "top_p": np.float32(self.top_p) > 0.0 and self.top_p <= 1.0,
             "seed": self.seed is None or 0 <= self.seed < 2**64,
             "stop": isinstance(self.stop, tuple) and all(self.stop),
+            "n": 1 <= self.n <= MAX_CHOICES,
+            "best_of": self.best_of is None or self.n <= self.best_of <= MAX_CHOICES,
+            "logprobs": self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+            "prompt_logprobs": self.prompt_logprobs is None
+            or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+            "presence_penalty": -2.0 <= self.presence_penalty <= 2.0,
+            "frequency_penalty": -2.0 <= self.frequency_penalty <= 2.0,
+            "logit_bias": all(
+                abs(bias) <= MAX_LOGIT_BIAS and token >= 0 for token, bias in self.logit_bias
+            ),
         }
         for field, ok in checks.items():
             if not ok:
@@ -75,6 +97,33 @@ class SamplingParams:
     def cuts(self) -> bool:
         """Whether top-k or top-p leaves out any token."""
         return self.top_k > 0 or self.top_p < 1.0
+
+    @property
+    def choices(self) -> int:
+        """Rows the request runs as: best_of, or n."""
+        return self.best_of or self.n
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether penalties or a bias change the logits before a token is chosen."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+    @property
+    def scores(self) -> bool:
+        """Whether each generated token's log-probability is needed (asked, or best_of)."""
+        return self.logprobs is not None or self.choices > self.n
+
+
+def adjusted(logits: np.ndarray, params: SamplingParams, generated: Sequence[int]) -> np.ndarray:
+    """One row's logits after OpenAI's presence and frequency penalties and the logit bias."""
+    out = logits.astype(np.float32, copy=True)
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        counts = np.bincount(np.asarray(generated), minlength=out.shape[-1])[: out.shape[-1]]
+        out -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    for token, bias in params.logit_bias:
+        if token < out.shape[-1]:
+            out[token] += bias
+    return out
 
 
 def derive_seed(base: int, key: str | int) -> int:
@@ -146,6 +195,39 @@ def _gumbel_max(
     allowed = F.greater_equal(logits, cut)
     scores = F.where(allowed, scores, F.full_like(scores, -np.inf))
     return F.argmax(scores, axis=-1).reshape([logits.shape[0]])
+
+
+def _logprobs(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """logits [L, V], targets int64 [L] -> the target's log-probability [L] and the top
+    MAX_LOGPROBS log-probabilities [L, K] with their token ids [L, K]."""
+    logprobs = F.logsoftmax(logits, axis=-1)
+    vocab = logits.shape[-1]
+    ids = F.range(0, vocab, 1, out_dim=vocab, dtype=DType.int64, device=logits.device)
+    hit = F.equal(ids, targets.reshape([logits.shape[0], 1]))  # [L, V]
+    target = F.sum(F.where(hit, logprobs, F.full_like(logprobs, 0.0)), axis=-1)
+    top, top_ids = F.top_k(logprobs, MAX_LOGPROBS, axis=-1)
+    return target.reshape([logits.shape[0]]), top, top_ids
+
+
+class LogprobScorer:
+    """Log-softmax of [rows, vocab] float32 logits on the device, compiled once; only each
+    row's target and top MAX_LOGPROBS values cross to the host."""
+
+    def __init__(self, vocab_size: int, device: Device):
+        self.device = device
+        on_device = DeviceRef.from_device(device)
+        self._graph = compilation.compile(_logprobs, name="logprobs")(
+            TensorType(DType.float32, ["rows", vocab_size], device=on_device),
+            TensorType(DType.int64, ["rows"], device=on_device),
+        )
+
+    def __call__(
+        self, logits: Tensor, targets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(target logprob [L], top logprobs [L, K], their ids [L, K]) on the host."""
+        outs = self._graph(logits, to_device(targets.astype(np.int64), self.device))
+        target, top, ids = (o.to(CPU()).to_numpy() for o in outs)
+        return target, top, ids.astype(np.int64)
 
 
 class Sampler:

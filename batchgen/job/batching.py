@@ -11,10 +11,11 @@ from batchgen.job.inputs import JobLine, LineError
 
 @dataclass(frozen=True)
 class JobRequest:
-    """A valid input line with its prompt tokenized, ready for the engine."""
+    """One prompt of a valid input line, tokenized, ready for the engine."""
 
     job: JobLine
     request: Request
+    part: int = 0  # which prompt of the line's prompt array
 
     @property
     def length(self) -> int:

@@ -2,37 +2,40 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
 import orjson
+from pydantic import ValidationError
 
 from batchgen.engine.sampling import ParamError, SamplingParams, derive_seed
+from batchgen.job import records
 from batchgen.job.ledger import JsonId, is_id
 
 Form = Literal["native", "openai"]
-
-# Body fields of an OpenAI completions request that batchgen cannot honour unless they hold
-# their default value; anything else unknown is refused rather than silently ignored.
-_OPENAI_DEFAULTS: dict[str, Any] = {
-    "n": 1,
-    "best_of": 1,
-    "echo": False,
-    "stream": False,
-    "logprobs": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "logit_bias": None,
-    "suffix": None,
-}
-_OPENAI_IGNORED = {"model", "user"}
-_INTEGER_FIELDS = ("max_tokens", "top_k", "seed")
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "seed")
-_NATIVE_FIELDS = {"id", "prompt", "stop", "ignore_eos", "metadata", *_SAMPLING_FIELDS}
 _BOM = b"\xef\xbb\xbf"
+# OpenAI request fields batchgen does not serve: refused by name, not as unknown fields.
+_UNSUPPORTED = {
+    "suffix": "is not supported (GPT-2 has no infilling)",
+    "tools": "is not supported (no tool calling)",
+    "tool_choice": "is not supported (no tool calling)",
+    "functions": "is not supported (no tool calling)",
+    "function_call": "is not supported (no tool calling)",
+    "parallel_tool_calls": "is not supported (no tool calling)",
+    "response_format": "is not supported (no structured output)",
+    "stream_options": "is not supported (results are written whole)",
+    "audio": "is not supported (text only)",
+    "modalities": "is not supported (text only)",
+}
+# What a union field takes, said once (pydantic reports each branch apart).
+_ALLOWED = {
+    "prompt": "a non-empty string, a list of token ids, or a list of either",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of text parts",
+    "id": "a string or an integer",
+}
 
 
 class FieldError(ValueError):
@@ -54,14 +57,28 @@ class Defaults:
 
 @dataclass(frozen=True)
 class JobLine:
-    """One valid input line: a prompt and how to decode it."""
+    """One valid input line: a prompt (or prompts, or chat messages) and how to decode it."""
 
     line: int
     id: JsonId
     form: Form
-    prompt: str | list[int]
+    prompt: str | list[int] | list[str] | list[list[int]] | None  # None: chat messages
     params: SamplingParams
     metadata: Any = None
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, text) of a chat line
+    echo: bool = False  # the completion's text (and logprobs) begin with the prompt's
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt of the line: one, or each of a prompt array."""
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            return list(prompt)  # type: ignore[arg-type]
+        return [prompt] if prompt is not None else []
 
     def error(self, field: str | None, message: str) -> LineError:
         """This line's error line."""
@@ -101,14 +118,19 @@ def count_lines(path: Path) -> int:
         return sum(1 for _ in read_lines(stream))
 
 
-def parse_line(number: int, raw: bytes, defaults: Defaults) -> JobLine | LineError:
-    """Turn one input line into a JobLine, or a LineError that names the bad field."""
+def parse_line(
+    number: int, raw: bytes, defaults: Defaults, form_hint: Form = "native"
+) -> JobLine | LineError:
+    """Turn one input line into a JobLine, or a LineError naming its bad fields (all at once).
+
+    `form_hint`: the form of a line that cannot be read at all (the file's, as far as known).
+    """
     try:
         record = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
-        return LineError(number, None, "native", None, f"not valid JSON: {error}")
+        return LineError(number, None, form_hint, None, f"not valid JSON: {error}")
     if not isinstance(record, dict):
-        return LineError(number, None, "native", None, "a line must be a JSON object")
+        return LineError(number, None, form_hint, None, "a line must be a JSON object")
     form: Form = "openai" if "custom_id" in record or "body" in record else "native"
     line_id = _id_of(record, form, number)
     try:
@@ -117,6 +139,9 @@ def parse_line(number: int, raw: bytes, defaults: Defaults) -> JobLine | LineErr
         return _parse_native(number, record, defaults)
     except FieldError as error:
         return LineError(number, line_id, form, error.field, str(error))
+    except ValidationError as error:
+        field, message = _problems(error, records.NativeLine if form == "native" else None)
+        return LineError(number, line_id, form, field, message)
     except Exception as error:  # noqa: BLE001 - one odd line must never end the job
         return LineError(number, line_id, form, None, f"cannot be read: {error}")
 
@@ -125,127 +150,198 @@ def _id_of(record: dict[str, Any], form: Form, number: int) -> JsonId | None:
     """The line's id if it is usable, for error lines too."""
     key = "custom_id" if form == "openai" else "id"
     value = record.get(key, None if form == "openai" else number)
+    if form == "openai" and not isinstance(value, str):
+        return None  # OpenAI's custom_id is a string
     return value if is_id(value) else None
 
 
 def _parse_native(number: int, record: dict[str, Any], defaults: Defaults) -> JobLine:
-    unknown = sorted(set(record) - _NATIVE_FIELDS)
-    if unknown:
-        raise FieldError(
-            _cut(unknown[0]),
-            f"is unknown (known: {', '.join(sorted(_NATIVE_FIELDS))}; "
-            "put your own data under 'metadata')",
-        )
-    line_id = record.get("id", number)
-    if not is_id(line_id):
-        raise FieldError("id", "must be a string or an integer")
-    metadata = record.get("metadata")
+    _refuse_unsupported(record)
+    line = records.NativeLine.model_validate(record)
+    line_id = number if line.id is None else line.id
     try:
-        orjson.dumps(metadata)
+        orjson.dumps(line.metadata)
     except orjson.JSONEncodeError as error:
         raise FieldError("metadata", f"cannot be written back as JSON: {error}") from None
-    return _job_line(number, line_id, "native", record, defaults, metadata)
+    if (line.prompt is None) == (line.messages is None):
+        raise FieldError("prompt", "is missing: give a prompt or messages (one of them)")
+    if line.messages is not None:
+        return _chat_line(number, line_id, "native", line, defaults, line.metadata)
+    return _completion_line(number, line_id, "native", line, defaults, line.metadata)
 
 
 def _parse_openai(number: int, record: dict[str, Any], defaults: Defaults) -> JobLine:
-    custom_id = record.get("custom_id")
-    if not isinstance(custom_id, str):
-        raise FieldError("custom_id", "must be a string")
-    if record.get("method", "POST") != "POST":
-        raise FieldError("method", 'must be "POST"')
-    url = record.get("url", "/v1/completions")
-    if url != "/v1/completions":
-        raise FieldError(
-            "url", f"must be /v1/completions (GPT-2 is a base model), not {_shown(url)}"
-        )
-    body = record.get("body")
-    if not isinstance(body, dict):
-        raise FieldError("body", "must be a JSON object")
-    for name in sorted(body):
-        if name in _OPENAI_DEFAULTS and body[name] not in (_OPENAI_DEFAULTS[name], None):
-            default = orjson.dumps(_OPENAI_DEFAULTS[name]).decode()
-            raise FieldError(name, f"is not supported: only {default} is")
-        known = name in _OPENAI_DEFAULTS or name in _OPENAI_IGNORED
-        if not known and name not in {"prompt", "stop", *_SAMPLING_FIELDS}:
-            raise FieldError(_cut(name), "is unknown")
-    return _job_line(number, custom_id, "openai", body, defaults, None)
+    batch = records.BatchLine.model_validate(record)
+    url = batch.url
+    if "url" not in record and "messages" in batch.body:
+        url = records.CHAT_URL  # OpenAI requires the url; a chat body says what it is
+    _refuse_unsupported(batch.body)
+    if url == records.COMPLETIONS_URL:
+        body = records.CompletionBody.model_validate(batch.body)
+        return _completion_line(number, batch.custom_id, "openai", body, defaults, None)
+    if url == records.CHAT_URL:
+        chat = records.ChatBody.model_validate(batch.body)
+        return _chat_line(number, batch.custom_id, "openai", chat, defaults, None)
+    served = f"{records.COMPLETIONS_URL} and {records.CHAT_URL}"
+    if url in records.UNSUPPORTED_URLS:
+        raise FieldError("url", f"{_shown(url)} is not supported: batchgen serves {served}")
+    raise FieldError("url", f"must be {served}, not {_shown(url)}")
 
 
-def _job_line(
+def _refuse_unsupported(fields: dict[str, Any]) -> None:
+    for name in sorted(fields):
+        if name in _UNSUPPORTED and fields[name] is not None:
+            raise FieldError(name, _UNSUPPORTED[name])
+
+
+def _completion_line(
     number: int,
     line_id: JsonId,
     form: Form,
-    fields: dict[str, Any],
+    body: records.CompletionBody | records.NativeLine,
     defaults: Defaults,
     metadata: Any,
 ) -> JobLine:
-    prompt = _prompt(fields)
-    # null means "not given", as in OpenAI's and vLLM's request models.
-    given = {name: value for name, value in fields.items() if value is not None}
+    params = _params(body, defaults, line_id)
+    echo = bool(body.echo)
+    extra: dict[str, Any] = {"logprobs": body.logprobs}
+    if echo and body.logprobs is not None:
+        extra["prompt_logprobs"] = body.logprobs
+    if body.best_of is not None:
+        if body.best_of < params.n:
+            raise FieldError("best_of", f"must be at least n ({params.n}), not {body.best_of}")
+        extra["best_of"] = body.best_of
+    params = _replace(params, extra)
+    if params.max_tokens == 0 and not echo:
+        raise FieldError("max_tokens", "is 0: only a scoring request (echo: true) may be")
+    assert body.prompt is not None
+    return JobLine(number, line_id, form, body.prompt, params, metadata, echo=echo)
+
+
+def _chat_line(
+    number: int,
+    line_id: JsonId,
+    form: Form,
+    body: records.ChatBody | records.NativeLine,
+    defaults: Defaults,
+    metadata: Any,
+) -> JobLine:
+    params = _params(body, defaults, line_id)
+    if params.max_tokens == 0:
+        raise FieldError("max_tokens", "must be at least 1 for a chat reply")
+    assert body.messages is not None
+    if isinstance(body, records.ChatBody):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise FieldError("top_logprobs", "needs logprobs: true")
+        if body.logprobs:
+            params = _replace(params, {"logprobs": body.top_logprobs or 0})
+    elif body.echo or body.best_of is not None:
+        raise FieldError("echo" if body.echo else "best_of", "goes with a prompt, not messages")
+    elif body.logprobs is not None:
+        params = _replace(params, {"logprobs": body.logprobs})
+    messages = tuple((m.role, m.text) for m in body.messages)
+    return JobLine(number, line_id, form, None, params, metadata, messages=messages)
+
+
+def _params(body: records.Request, defaults: Defaults, line_id: JsonId) -> SamplingParams:
+    """The line's sampling parameters: its own fields over the command line's defaults."""
+    given = body.model_dump(exclude_none=True)
+    if given.get("stream"):
+        raise FieldError("stream", "is not supported: results are written whole (stream: false)")
+    both = given.keys() >= {"max_tokens", "max_completion_tokens"}
+    if both and given["max_tokens"] != given["max_completion_tokens"]:
+        raise FieldError("max_completion_tokens", "and max_tokens differ: give one")
     overrides: dict[str, Any] = {
-        name: _number(name, given[name]) for name in _SAMPLING_FIELDS if name in given
+        name: given[name]
+        for name in ("temperature", "top_k", "top_p", "seed", "n", "ignore_eos")
+        if name in given
     }
-    if "ignore_eos" in given:
-        if not isinstance(given["ignore_eos"], bool):
-            raise FieldError("ignore_eos", "must be true or false")
-        overrides["ignore_eos"] = given["ignore_eos"]
+    for name in ("max_completion_tokens", "max_tokens"):
+        if name in given:
+            overrides["max_tokens"] = given[name]
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in given:
+            overrides[name] = float(given[name])
+    if "temperature" in overrides:
+        overrides["temperature"] = float(overrides["temperature"])
+    if "top_p" in overrides:
+        overrides["top_p"] = float(overrides["top_p"])
     if "stop" in given:
-        overrides["stop"] = _stop(given["stop"])
+        stop = given["stop"]
+        overrides["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    if "logit_bias" in given:
+        overrides["logit_bias"] = _logit_bias(given["logit_bias"])
     if "seed" not in overrides and defaults.seed is not None:
         overrides["seed"] = derive_seed(defaults.seed, line_id)
+    return _replace(defaults.params, overrides)
+
+
+def _replace(params: SamplingParams, overrides: dict[str, Any]) -> SamplingParams:
     try:
-        params = replace(defaults.params, **overrides)
+        return replace(params, **overrides)
     except ParamError as error:
         raise FieldError(error.field, f"is out of range: {_shown(error.value)}") from None
-    return JobLine(number, line_id, form, prompt, params, metadata)
 
 
-def _prompt(fields: dict[str, Any]) -> str | list[int]:
-    if "prompt" not in fields:
-        raise FieldError("prompt", "is missing")
-    prompt = fields["prompt"]
-    if isinstance(prompt, str):
-        if not prompt:
-            raise FieldError("prompt", "is empty")
-        return prompt
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
-        return prompt  # already token ids, as the OpenAI API allows
-    raise FieldError("prompt", "must be a non-empty string or a list of token ids")
+def _logit_bias(bias: dict[str, float]) -> tuple[tuple[int, float], ...]:
+    pairs = []
+    for key, value in bias.items():
+        if not key.isdigit():
+            raise FieldError("logit_bias", f"keys are token ids, not {_shown(key)}")
+        pairs.append((int(key), float(value)))
+    return tuple(sorted(pairs))
 
 
-def _number(name: str, value: Any) -> int | float:
-    """A finite number; integer fields also take integral floats (16.0), as pydantic does."""
-    if name in _INTEGER_FIELDS:
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if not _is_int(value):
-            raise FieldError(name, f"must be an integer, not {_shown(value)}")
-        return value
-    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value):
-        raise FieldError(name, f"must be a finite number, not {_shown(value)}")
-    return float(value)
+def _problems(error: ValidationError, native: type[records.NativeLine] | None) -> tuple[str, str]:
+    """The first bad field and a message naming every problem of the line."""
+    seen: dict[str, str] = {}
+    for problem in error.errors():
+        field = _field_name(problem["loc"])
+        if field in seen:
+            continue
+        last = field.rsplit(".", 1)[-1]
+        if problem["type"] == "extra_forbidden":
+            known = ", ".join(sorted(native.model_fields)) if native else ""
+            hint = f" (known: {known}; put your own data under 'metadata')" if native else ""
+            seen[field] = f"field '{field}' is unknown{hint}"
+        elif last in _ALLOWED or problem["type"] == "missing":
+            what = (
+                "is missing"
+                if problem["type"] == "missing"
+                else (f"must be {_ALLOWED[last]}, not {_shown(problem.get('input'))}")
+            )
+            seen[field] = f"field '{field}' {what}"
+        elif last == "type" and problem.get("input") != "text":
+            shown = _shown(problem.get("input"))
+            seen[field] = f"field '{field}': only text parts are supported, not {shown}"
+        else:
+            message = problem["msg"][0].lower() + problem["msg"][1:]
+            seen[field] = f"field '{field}': {message}, not {_shown(problem.get('input'))}"
+    first = next(iter(seen))
+    return first, "; ".join(seen.values())
 
 
-def _stop(stop: Any) -> tuple[str, ...]:
-    strings = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(strings, list | tuple) or not all(isinstance(s, str) for s in strings):
-        raise FieldError("stop", "must be a string or a list of strings")
-    if not all(strings):
-        raise FieldError("stop", "must not contain an empty string")
-    return tuple(strings)
+def _field_name(loc: tuple[Any, ...]) -> str:
+    """A pydantic location as the request spells the field, union branch tags left out."""
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and ("[" in part or part in _BRANCH_TAGS):
+            continue
+        parts.append(str(part))
+    name = ".".join(parts) or "body"
+    return _cut(name)
+
+
+_BRANCH_TAGS = {"str", "int", "float", "bool", "list", "dict", "constrained-str", "function-after"}
 
 
 def _shown(value: Any) -> str:
     """A value as JSON for an error message, cut short: the line itself may be huge."""
     try:
         return _cut(orjson.dumps(value).decode())
-    except orjson.JSONEncodeError:
+    except (orjson.JSONEncodeError, TypeError):
         return f"a {type(value).__name__} nested too deep"
 
 
 def _cut(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -95,18 +95,21 @@ def _account(done: Done, record: Any, name: str, number: int) -> None:
 
 def entry_key(record: Any) -> tuple[str, JsonId] | None:
     """What an output line accounts for: ("id", id) for a result, ("line", n) for an error
-    line, ("other", None) for an OpenAI error line without its line number; None if the
-    record is not a batchgen output line."""
+    line; None if the record is not a batchgen output line."""
     if not isinstance(record, dict):
         return None
     if "custom_id" in record:
-        response, extra = record.get("response") or {}, record.get("batchgen") or {}
+        # Only what batchgen writes: a response with its status and the input line number.
+        # An OpenAI request line (custom_id, body, no response) is none of batchgen's.
+        response, extra = record.get("response"), record.get("batchgen")
         if not (isinstance(response, dict) and isinstance(extra, dict)):
             return None
-        line = extra.get("line")
-        if response.get("status_code") == 200:
+        line, status = extra.get("line"), response.get("status_code")
+        if not (isinstance(line, int) and isinstance(status, int)):
+            return None
+        if status == 200:
             return ("id", record["custom_id"]) if is_id(record["custom_id"]) else None
-        return ("line", line) if isinstance(line, int) else ("other", None)
+        return "line", line
     if "error" in record and isinstance(record.get("line"), int):
         return "line", record["line"]
     if "id" in record and "text" in record:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from tqdm import tqdm
 
 from batchgen.engine import (
+    Completion,
     ContextLengthError,
     Engine,
     Request,
@@ -18,8 +19,10 @@ from batchgen.engine import (
     Timing,
     WindowStats,
 )
+from batchgen.engine.sampling import SamplingParams
+from batchgen.engine.transcript import STOP_STRINGS, render
 from batchgen.job.batching import JobRequest, pack
-from batchgen.job.inputs import Defaults, JobLine, JsonId, LineError, parse_line
+from batchgen.job.inputs import Defaults, Form, JobLine, JsonId, LineError, parse_line
 from batchgen.job.ledger import Claim, Done
 from batchgen.job.metrics import RunStats, window_record
 from batchgen.job.outputs import JobWriter, Result, error_line, result_line
@@ -36,6 +39,7 @@ class RunConfig:
     token_ids: bool = False  # also write each completion's token ids
     model_name: str = "gpt2"
     shard: Shard | None = None  # run only this shard's lines
+    chat_template: str | None = None  # Jinja text; None: the transcript GPT-2 continues
 
 
 def run_job(
@@ -56,14 +60,17 @@ def run_job(
     stats = RunStats()
     admit = LineFilter(defaults, output.done, stats, config.shard).admit
     jobs = (job for number, raw in lines if (job := admit(number, raw)) is not None)
-    items = map(LineTokenizer(engine).request, jobs)
+    items = map(LineTokenizer(engine, config.chat_template).requests, jobs)
     sampler_s = engine.timings.sampler_compile_s
     interrupted: str | None = None
     with SignalGuard() as signals:
         sink = JobSink(output, metrics, stats, signals, progress)
         try:
             for results, window in run_requests(engine, items, config, sink.error, signals.check):
-                written = [result_line(r, config.model_name, config.token_ids) for r in results]
+                written = [
+                    result_line(r, config.model_name, config.token_ids, engine.vocab_bytes)
+                    for r in results
+                ]
                 timings = [r.completion.timing for r in results]
                 failed = sum(not ok for _, ok in written)
                 sink.window([line for line, _ in written], failed, window, timings)
@@ -78,21 +85,24 @@ def run_job(
 
 def run_requests(
     engine: Engine,
-    items: Iterable[JobRequest | LineError],
+    items: Iterable[list[JobRequest] | LineError],
     config: RunConfig,
     on_error: Callable[[LineError], None],
     check: Callable[[], None] = lambda: None,
 ) -> Iterator[tuple[list[Result], WindowStats]]:
-    """Stream the requests through the engine; yield each window's results as they finish.
+    """Stream the requests through the engine; yield each window's results as they finish
+    (a line of several prompts once all of them have).
 
     Error lines go to `on_error` as soon as they are read; `check` runs after every step (a
     signal raised there abandons the requests in flight).
     """
     pending: dict[int, JobRequest] = {}
+    parts: dict[int, list[list[Completion] | None]] = {}  # by input line, per prompt
     arrivals = itertools.count()
+    flat = (one for item in items for one in ([item] if isinstance(item, LineError) else item))
 
     def requests() -> Iterator[Request]:
-        for item in _ordered(items, config):
+        for item in _ordered(flat, config):
             if isinstance(item, LineError):
                 on_error(item)
                 continue
@@ -102,7 +112,14 @@ def run_requests(
     stream = engine.stream(requests(), lambda _step: check(), config.scheduler)
     for window in stream:
         record = window_record(window.stats, len(window.finished))
-        results = [Result(pending.pop(f.index).job, f.completion, record) for f in window.finished]
+        results = []
+        for finished in window.finished:
+            item = pending.pop(finished.index)
+            line = parts.setdefault(item.job.line, [None] * max(len(item.job.prompts), 1))
+            line[item.part] = finished.completions
+            if all(choices is not None for choices in line):
+                del parts[item.job.line]
+                results.append(Result(item.job, line, record))  # type: ignore[arg-type]
         yield results, window.stats
 
 
@@ -196,10 +213,12 @@ class LineFilter:
         self.stats = stats
         self.shard = shard
         self.seen: set[JsonId] = set()
+        self.form: Form = "native"  # the file's, as far as read: for lines that cannot be
 
     def admit(self, number: int, raw: bytes) -> JobLine | LineError | None:
         """The parsed line, its error line, or None when this run leaves it alone."""
-        item = parse_line(number, raw, self.defaults)
+        item = parse_line(number, raw, self.defaults, self.form)
+        self.form = item.form
         if self.shard is not None and not self.shard.holds(item.id, number):
             return None
         first = item.id is None or item.id not in self.seen
@@ -210,43 +229,68 @@ class LineFilter:
             self.stats.failed_earlier += number in self.done.error_lines
             return None
         if isinstance(item, JobLine) and not first:
-            return item.error("id", f"duplicate id {item.id!r}: not run again")
+            field = "custom_id" if item.form == "openai" else "id"
+            return item.error(field, f"duplicate {field} {item.id!r}: not run again")
         return item
 
 
 class LineTokenizer:
-    """Lines -> engine requests: tokenized and checked against one engine's model."""
+    """Lines -> engine requests: chats rendered, prompts tokenized, checked against one
+    engine's model."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, chat_template: str | None = None):
         self.engine = engine
+        self.chat_template = chat_template
         # No token is longer than the vocabulary's longest, so a prompt of more characters
         # than this cannot fit; it is refused untokenized (a multi-MB prompt takes seconds).
         self.max_chars = engine.config.n_positions * max(map(len, engine.vocab_bytes))
 
-    def request(self, item: JobLine | LineError) -> JobRequest | LineError:
-        """The line's request, or its error line when the prompt cannot run on this model."""
+    def requests(self, item: JobLine | LineError) -> list[JobRequest] | LineError:
+        """The line's requests (one per prompt), or its error line when one cannot run."""
         if isinstance(item, LineError):
             return item
-        job, engine = item, self.engine
+        job = item
+        params = job.params
+        prompts = job.prompts
+        if job.messages is not None:
+            try:
+                prompts = [render(self.engine.tokenizer, job.messages, self.chat_template)]
+            except Exception as error:  # noqa: BLE001 - a template that fails is one line's
+                return job.error("messages", f"the chat template cannot render them: {error}")
+            if self.chat_template is None:  # the transcript's reply ends at the next turn
+                params = replace(params, stop=(*params.stop, *STOP_STRINGS))
+        requests = []
+        for part, prompt in enumerate(prompts):
+            request = self._request(job, prompt, params)
+            if isinstance(request, LineError):
+                return request
+            requests.append(JobRequest(job, request, part))
+        return requests
+
+    def _request(
+        self, job: JobLine, prompt: str | list[int], params: SamplingParams
+    ) -> Request | LineError:
+        engine = self.engine
         context = engine.config.n_positions
-        if isinstance(job.prompt, str):
-            if len(job.prompt) > self.max_chars:
-                message = f"prompt ({len(job.prompt)} characters) exceeds the model's context"
+        if isinstance(prompt, str):
+            if len(prompt) > self.max_chars:
+                message = f"prompt ({len(prompt)} characters) exceeds the model's context"
                 return job.error("prompt", f"{message} of {context} tokens")
             try:
-                ids = engine.tokenizer(job.prompt, verbose=False).input_ids
+                ids = engine.tokenizer(prompt, verbose=False).input_ids
             except Exception as error:  # noqa: BLE001 - a prompt the tokenizer rejects is one line's
                 return job.error("prompt", f"cannot be tokenized: {error}")
         else:
-            ids = job.prompt
-        request = Request(ids, job.params)
+            ids = prompt
+        request = Request(ids, params)
         try:
             engine.check(request)
         except ContextLengthError as error:
             return job.error("max_tokens" if len(ids) < context else "prompt", str(error))
         except ValueError as error:
-            return job.error("prompt", str(error))
-        return JobRequest(job, request)
+            field = "n" if "choices" in str(error) else "prompt"
+            return job.error("logit_bias" if "logit_bias" in str(error) else field, str(error))
+        return request
 
 
 def run_setup(

@@ -168,7 +168,7 @@ def profile(
     rows = []
     for index in range(batch):
         row = Row(index, rng.integers(0, 50000, context).tolist(), SamplingParams(), 0, 0.0)
-        assert engine.cache.admit(index, row.tokens)
+        assert engine.cache.admit(row.key, row.tokens)
         row.computed, row.generated = context, [5]
         rows.append(row)
     plan = StepPlan(rows, [])
@@ -179,7 +179,7 @@ def profile(
         graph_ms = 1e3 * median_time(lambda: runner.graph(*arguments)[0].to_numpy(), 9)
     finally:
         for row in rows:
-            engine.cache.release(row.index)
+            engine.cache.release(row.key)
     attention_ms = _attention_ms(engine, batch, context) if engine.cache.kind == "slots" else None
     tokens_per_s = 1e3 * batch / step_ms
     c = engine.config

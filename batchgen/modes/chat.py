@@ -15,10 +15,8 @@ from transformers import PreTrainedTokenizerBase
 from batchgen.engine import Engine, Request, SamplingParams, Step
 from batchgen.engine.sampling import derive_seed
 from batchgen.engine.textstream import TextStream
+from batchgen.engine.transcript import STOP_STRINGS
 from batchgen.modes.interactive import QUIT_WORDS
-
-# GPT-2 continues a transcript; it "ends its turn" by starting the next speaker's line.
-STOP_STRINGS = ("\nHuman:", "\nAI:")
 
 
 @dataclass(frozen=True)

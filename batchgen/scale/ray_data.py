@@ -164,14 +164,15 @@ class Generator:
     def run_lines(self, lines: list[tuple[int, bytes]]) -> Iterator[dict[str, Any]]:
         """An output row per line: its output line, whether it is a result, the window it
         finished in (with this actor's name) and its timing; error lines have neither."""
-        items = [self.tokenizer.request(parse_line(n, raw, self.defaults)) for n, raw in lines]
+        items = [self.tokenizer.requests(parse_line(n, raw, self.defaults)) for n, raw in lines]
         errors: list[LineError] = []
         first = self.windows
         for results, _ in run_requests(self.engine, items, self.run_config, errors.append):
             yield from _error_rows(errors)
             self.windows += 1
             for result in results:
-                line, ok = result_line(result, self.config.model, self.config.token_ids)
+                vocab = self.engine.vocab_bytes
+                line, ok = result_line(result, self.config.model, self.config.token_ids, vocab)
                 index = first + result.window["index"]  # each call's windows count from 0
                 window = orjson.dumps({"worker": self.worker, **result.window, "index": index})
                 timing = orjson.dumps(asdict(result.completion.timing))
