@@ -206,6 +206,12 @@ def cli() -> None:
     "its id, so reruns and resumes reproduce it.",
 )
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not part of the text.")
+@click.option(
+    "--chat-template",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Jinja chat template for chat lines (as Hugging Face's and vLLM's); default: the "
+    '"Human: ... AI:" transcript, each reply ending where the next turn would begin.',
+)
 # --no-X turns off what a job file turned on.
 @click.option("--resume/--no-resume", help="Continue OUTPUT: skip lines it already holds.")
 @click.option("--overwrite/--no-overwrite", help="Replace an existing OUTPUT.")

@@ -218,3 +218,30 @@ def test_unreadable_lines_of_an_openai_file_get_openai_error_lines(tmp_path, tin
     before = out.read_bytes()
     assert run_cli(job, out, "--model", tiny_dir, "--resume").exit_code == 3
     assert out.read_bytes() == before
+
+
+def test_chat_lines_through_a_custom_jinja_template(tmp_path, tiny_dir, tokenizer):
+    template = tmp_path / "chat.jinja"
+    template.write_text(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    out = tmp_path / "out.jsonl"
+    chat = CORPUS / "chat-with-system.jsonl"
+    result = run_cli(chat, out, "--model", tiny_dir, "--chat-template", template)
+    assert result.exit_code == 0, result.output
+    first = ChatCompletion.model_validate(read_jsonl(out)[0]["response"]["body"])
+    rendered = "<|system|>You are a helpful assistant.\n<|user|>Hello world\n<|assistant|>"
+    assert first.usage.prompt_tokens == len(tokenizer(rendered).input_ids)
+
+
+def test_a_missing_model_fails_at_once_and_dry_run_says_so(tmp_path):
+    """Defect 3: no Hub retries, one line naming what to do; --dry-run resolves the model."""
+    job = tmp_path / "job.toml"
+    job.write_text('input = "in.jsonl"\noutput = "out.jsonl"\nmodel = "models/tiny-gpt2"\n')
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hi"}\n')
+    for extra in ((), ("--dry-run",)):
+        result = run_cli("--job", job, *extra)
+        assert result.exit_code == 1, result.output
+        assert "random-model" in result.output and "models/tiny-gpt2" in result.output
+    assert not (tmp_path / "out.jsonl").exists()

@@ -115,3 +115,21 @@ def test_bundled_tokenizer_is_shipped_with_the_package():
     from batchgen.engine.weights import BUNDLED_TOKENIZER
 
     assert (Path(BUNDLED_TOKENIZER) / "tokenizer.json").is_file()
+
+
+def test_a_model_that_is_nowhere_fails_at_once_saying_what_to_do(tmp_path: Path, monkeypatch):
+    """Issue 17, defect 3: no local directory, no cache, no Hub: one line, in well under 28 s."""
+    import time
+
+    from batchgen.job.models import ModelNotFound, locate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    for model in ("gpt2", str(tmp_path / "missing")):
+        with pytest.raises(ModelNotFound, match="random-model"):
+            locate(model)
+    assert time.perf_counter() - start < 5
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelNotFound, match="without config.json"):
+        locate(str(empty))

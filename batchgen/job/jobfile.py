@@ -18,7 +18,7 @@ else:  # pragma: no cover - Python 3.10
 
 Kind = Literal["bool", "int", "float", "str", "strings"]
 # Keys holding paths: read relative to the job file, wherever batchgen is started from.
-PATH_KEYS = ("input", "output", "metrics")
+PATH_KEYS = ("input", "output", "metrics", "chat_template")
 
 
 class JobFileError(ValueError):

@@ -47,6 +47,7 @@ class JobOptions:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    chat_template: Path | None = None  # a Jinja file; None: the transcript GPT-2 continues
     resume: bool = False
     overwrite: bool = False
     metrics: Path | None = None
@@ -127,6 +128,8 @@ def check_file_job(options: JobOptions) -> str:
     import orjson
 
     _stale_marker(options)
+    _locate_model(options.model)
+    _chat_template(options)
     if options.backend == "ray":
         _ray_module().check_reachable(options.ray_address)
     with _open_input(options.input):
@@ -143,6 +146,7 @@ def check_file_job(options: JobOptions) -> str:
 
 def run_file_job(options: JobOptions) -> dict[str, Any]:
     """Run the job; return its summary. JobError when it cannot start."""
+    _locate_model(options.model)
     opened = _open_input(options.input)
     marker = _stale_marker(options)
     with contextlib.ExitStack() as stack:
@@ -213,7 +217,12 @@ def _run(
     defaults = Defaults(params, options.seed)
     engine_config = engine_config_of(options)
     config = RunConfig(
-        engine_config.scheduler, options.window, options.token_ids, options.model, options.shard
+        engine_config.scheduler,
+        options.window,
+        options.token_ids,
+        options.model,
+        options.shard,
+        _chat_template(options),
     )
     if options.backend == "ray":
         ray_data = _ray_module()
@@ -224,6 +233,26 @@ def _run(
     if marker:
         marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
     return run_job(lines, engine, defaults, config, output, metrics, progress)
+
+
+def _locate_model(model: str) -> None:
+    """JobError, in one line saying what to do, when the model is nowhere to be loaded from."""
+    from batchgen.job.models import ModelNotFound, locate
+
+    try:
+        locate(model)
+    except ModelNotFound as error:
+        raise JobError(str(error)) from None
+
+
+def _chat_template(options: JobOptions) -> str | None:
+    """The --chat-template file's text; JobError if it cannot be read."""
+    if options.chat_template is None:
+        return None
+    try:
+        return options.chat_template.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise JobError(f"cannot read --chat-template {options.chat_template}: {error}") from None
 
 
 def _ray_module() -> Any:
