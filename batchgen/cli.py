@@ -511,7 +511,8 @@ def generate(
     click.echo(
         f"[{completion.completion_tokens} tokens, finish {completion.finish_reason}, "
         f"prefill {timing.prefill_ms:.0f} ms, decode {timing.decode_ms:.0f} ms, "
-        f"{engine.device.label} {engine.dtype}, {engine.cache.kind} KV cache]",
+        f"{engine.device.label} {str(engine.dtype).removeprefix('DType.')}, "
+        f"{engine.cache.kind} KV cache]",
         err=True,
     )
 

@@ -128,7 +128,6 @@ def check_file_job(options: JobOptions) -> str:
     import orjson
 
     _stale_marker(options)
-    _locate_model(options.model)
     _chat_template(options)
     if options.backend == "ray":
         _ray_module().check_reachable(options.ray_address)
@@ -140,13 +139,13 @@ def check_file_job(options: JobOptions) -> str:
                 ).close()
             except ledger.ClaimError as error:
                 raise JobError(str(error)) from None
+    _locate_model(options.model)
     shown = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "progress"}
     return orjson.dumps(shown, default=str, option=orjson.OPT_INDENT_2).decode()
 
 
 def run_file_job(options: JobOptions) -> dict[str, Any]:
     """Run the job; return its summary. JobError when it cannot start."""
-    _locate_model(options.model)
     opened = _open_input(options.input)
     marker = _stale_marker(options)
     with contextlib.ExitStack() as stack:
@@ -167,6 +166,7 @@ def run_file_job(options: JobOptions) -> dict[str, Any]:
                 stack.callback(metrics.close)
         except ledger.ClaimError as error:
             raise JobError(str(error)) from None
+        _locate_model(options.model)
         # The heavy imports (torch, MAX, transformers) wait until every check has passed.
         from tqdm import tqdm
 

@@ -138,7 +138,9 @@ def summary_text(summary: dict[str, Any], output_name: str) -> str:
         f"{summary['generated_tokens_per_s']} tokens/s; {summary['mean_rows']} rows a step"
         + (f", peak RSS {summary['peak_rss_mb']:.0f} MiB" if summary["peak_rss_mb"] else ""),
         f"  latency p50 {latency['p50']} ms, p90 {latency['p90']} ms, p99 {latency['p99']} ms; "
-        f"first token p50 {first['p50']} ms, p99 {first['p99']} ms",
+        f"first token p50 {first['p50']} ms, p99 {first['p99']} ms"
+        if summary["requests_ok"]
+        else "  no requests ran: no latency figures",
     ]
     if summary["requests_failed"] or summary["requests_failed_earlier"]:
         lines.append(f"  failed lines have error lines in {output_name}: exit code 3")

@@ -22,7 +22,9 @@ def locate(model: str) -> str:
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFound(f"{model} is a directory without config.json: {_WHAT_TO_DO}")
+            raise ModelNotFound(
+                f"cannot load model {model!r}: a directory without config.json; {_WHAT_TO_DO}"
+            )
         return "local"
     from huggingface_hub import constants, try_to_load_from_cache
     from huggingface_hub.errors import HFValidationError
@@ -30,13 +32,17 @@ def locate(model: str) -> str:
     try:
         cached = try_to_load_from_cache(model, "config.json")
     except HFValidationError:
-        raise ModelNotFound(f"model {model!r}: no such directory; {_WHAT_TO_DO}") from None
+        raise ModelNotFound(
+            f"cannot load model {model!r}: no such directory; {_WHAT_TO_DO}"
+        ) from None
     if isinstance(cached, str):
         return "cache"
     where = f"no directory {model!r} and not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
     offline = {os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     if constants.HF_HUB_OFFLINE or offline & {"1", "true", "yes", "on"}:
-        raise ModelNotFound(f"model {model!r}: {where}, and HF_HUB_OFFLINE is set; {_WHAT_TO_DO}")
+        raise ModelNotFound(
+            f"cannot load model {model!r}: {where}, and HF_HUB_OFFLINE is set; {_WHAT_TO_DO}"
+        )
     from huggingface_hub import model_info
 
     try:
@@ -44,6 +50,7 @@ def locate(model: str) -> str:
     except Exception as error:  # noqa: BLE001 - no network, no such repo, a proxy: all say one thing
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelNotFound(
-            f"model {model!r}: {where}, and the Hub did not serve it ({reason}); {_WHAT_TO_DO}"
+            f"cannot load model {model!r}: {where}, and the Hub did not serve it ({reason}); "
+            + _WHAT_TO_DO
         ) from None
     return "hub"
