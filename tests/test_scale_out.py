@@ -175,10 +175,12 @@ def test_shard_auto_reads_slurm_arrays_and_indexed_jobs():
             parse_shard(text, env, count)
 
 
-def test_shard_auto_on_the_command_line(tmp_path: Path):
+def test_shard_auto_on_the_command_line(tmp_path: Path, tiny_dir: Path):
     write_jsonl(tmp_path / "in.jsonl", [{"prompt": "x"}])
     env = {"JOB_COMPLETION_INDEX": "2", "BATCHGEN_NUM_SHARDS": "3"}
-    args = (tmp_path / "in.jsonl", tmp_path / "out-{shard}-of-{shards}.jsonl", "--shard", "auto")
+    out = tmp_path / "out-{shard}-of-{shards}.jsonl"
+    # --dry-run resolves the model: a local one, where the Hub cannot be reached.
+    args = (tmp_path / "in.jsonl", out, "--shard", "auto", "--model", tiny_dir)
     assert dry_run(*args, env=env)["output"] == str(tmp_path / "out-2-of-3.jsonl")
     result = invoke(
         "run", *args, "--dry-run", env={"JOB_COMPLETION_INDEX": "x", "BATCHGEN_NUM_SHARDS": "3"}
