@@ -210,5 +210,5 @@ def test_the_python_api_maps_a_dataset_of_prompt_rows(
             None,
         )
         assert got["completion_tokens"] == local["usage"]["completion_tokens"]
-    assert by_id["bad"]["error"] == "prompt: field 'prompt' is missing"
-    assert by_id[None]["error"].startswith("id:")
+    assert by_id["bad"]["error"].startswith("prompt: field 'prompt' is missing")
+    assert by_id[None]["error"] == f"id: {ray_data.NO_ROW_ID}"

@@ -27,6 +27,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from batchgen.engine import EngineConfig, SamplingParams, SchedulerConfig, Timing
+from batchgen.job.batching import JobRequest
 from batchgen.job.inputs import Defaults, JobLine, LineError, parse_line
 from batchgen.job.launch import JobError, load_engine
 from batchgen.job.ledger import Claim
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 # engine refills finished rows from the same call for most of it.
 BATCHES_PER_CALL = 4
 MAX_TASK_RETRIES = 3
+NO_ROW_ID = "a row needs an id (or a custom_id): its result row is found by it"
 
 
 class RayJobError(JobError):
@@ -164,7 +166,12 @@ class Generator:
     def run_lines(self, lines: list[tuple[int, bytes]]) -> Iterator[dict[str, Any]]:
         """An output row per line: its output line, whether it is a result, the window it
         finished in (with this actor's name) and its timing; error lines have neither."""
-        items = [self.tokenizer.requests(parse_line(n, raw, self.defaults)) for n, raw in lines]
+        yield from self._run([self._parsed(number, raw) for number, raw in lines])
+
+    def _parsed(self, number: int, raw: bytes) -> list[JobRequest] | LineError:
+        return self.tokenizer.requests(parse_line(number, raw, self.defaults))
+
+    def _run(self, items: list[list[JobRequest] | LineError]) -> Iterator[dict[str, Any]]:
         errors: list[LineError] = []
         first = self.windows
         for results, _ in run_requests(self.engine, items, self.run_config, errors.append):
@@ -181,13 +188,15 @@ class Generator:
         yield from _error_rows(errors)
 
     def _rows(self, rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        lines = []
+        items: list[list[JobRequest] | LineError] = []
         for number, row in enumerate(rows, start=1):
+            # A Dataset's rows share one schema: a field another row has is null in this one.
             given = {k: v for k, v in row.items() if v is not None}
-            if "id" not in given:  # a Dataset has no line numbers to stand in for ids
-                given["id"] = None
-            lines.append((number, orjson.dumps(given)))
-        yield from self.run_lines(lines)
+            if "id" in given or "custom_id" in given:
+                items.append(self._parsed(number, orjson.dumps(given)))
+            else:  # a Dataset has no line numbers to stand in for ids
+                items.append(LineError(number, None, "native", "id", NO_ROW_ID))
+        yield from self._run(items)
 
 
 def _error_rows(errors: list[LineError]) -> Iterator[dict[str, Any]]:
