@@ -212,6 +212,26 @@ def cli() -> None:
     help="Jinja chat template for chat lines (as Hugging Face's and vLLM's); default: the "
     '"Human: ... AI:" transcript, each reply ending where the next turn would begin.',
 )
+@click.option(
+    "--input-format",
+    type=click.Choice(["auto", "jsonl", "text", "json", "parquet"]),
+    default="auto",
+    show_default=True,
+    help="auto: by INPUT's suffix (.txt text, one prompt per line; .json a JSON array of "
+    "rows; .parquet), JSONL otherwise.",
+)
+@click.option(
+    "--prompt-field",
+    metavar="NAME",
+    help="Rows of any shape: the prompt is the row's NAME field; its id stays its id, its "
+    "other fields travel as metadata.",
+)
+@click.option(
+    "--prompt-template",
+    metavar="FORMAT",
+    help="Rows of any shape: the prompt is FORMAT over the row's fields, e.g. "
+    '"{instruction}\\n\\n{input}"; its other fields travel as metadata.',
+)
 # --no-X turns off what a job file turned on.
 @click.option("--resume/--no-resume", help="Continue OUTPUT: skip lines it already holds.")
 @click.option("--overwrite/--no-overwrite", help="Replace an existing OUTPUT.")

@@ -4,6 +4,7 @@ transformers' numbers. The corpus (tests/corpus) has the shapes public batch fil
 
 from __future__ import annotations
 
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +246,80 @@ def test_a_missing_model_fails_at_once_and_dry_run_says_so(tmp_path):
         assert result.exit_code == 1, result.output
         assert "random-model" in result.output and "models/tiny-gpt2" in result.output
     assert not (tmp_path / "out.jsonl").exists()
+
+
+ALPACA = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+
+def _shaped_files() -> list[tuple[str, tuple[str, ...], list[dict[str, Any]]]]:
+    """(corpus file, its options, the native lines it stands for), each built here by hand."""
+    import pyarrow.parquet as pq
+
+    text = (CORPUS / "prompts.txt").read_text().splitlines()
+    prompts = [{"id": n, "prompt": t} for n, t in enumerate(text, start=1) if t.strip()]
+    alpaca = orjson.loads((CORPUS / "alpaca.json").read_bytes())
+    instructions = [
+        {"id": n, "prompt": ALPACA.format(**row), "metadata": row}
+        for n, row in enumerate(alpaca, start=1)
+    ]
+    questions = [
+        {"id": row["id"], "prompt": row["question"],
+         "metadata": {k: v for k, v in row.items() if k not in ("id", "question") and v}}
+        for row in pq.read_table(CORPUS / "questions.parquet").to_pylist()
+    ]  # fmt: skip
+    return [
+        ("prompts.txt", (), prompts),
+        ("alpaca.json", ("--prompt-template", ALPACA), instructions),
+        ("questions.parquet", ("--prompt-field", "question"), questions),
+    ]
+
+
+@pytest.mark.parametrize("name, options, native", _shaped_files(), ids=lambda v: str(v)[:20])
+def test_rows_of_other_shapes_give_the_records_of_their_native_lines(
+    tmp_path, tiny_dir, name, options, native
+):
+    out = tmp_path / "out.jsonl"
+    result = run_cli(CORPUS / name, out, "--model", tiny_dir, *options)
+    assert result.exit_code == 0, result.output
+    native_in, native_out = tmp_path / "native.jsonl", tmp_path / "native-out.jsonl"
+    native_in.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in native))
+    assert run_cli(native_in, native_out, "--model", tiny_dir).exit_code == 0
+    shaped, expected = read_jsonl(out), read_jsonl(native_out)
+    assert len(shaped) == len(native) >= 5
+    key = operator.itemgetter("id")
+    assert [_comparable(r) | {"id": r["id"]} for r in sorted(shaped, key=key)] == [
+        _comparable(r) | {"id": r["id"]} for r in sorted(expected, key=key)
+    ]
+
+
+def test_a_parquet_job_resumes_and_shards_as_a_jsonl_one(tmp_path, tiny_dir):
+    parquet = CORPUS / "questions.parquet"
+    field = ("--prompt-field", "question")
+    full = tmp_path / "full.jsonl"
+    assert run_cli(parquet, full, "--model", tiny_dir, *field).exit_code == 0
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"".join(full.read_bytes().splitlines(keepends=True)[:2]))
+    assert run_cli(parquet, cut, "--model", tiny_dir, *field, "--resume").exit_code == 0
+    assert sorted(map(_comparable, read_jsonl(cut)), key=orjson.dumps) == sorted(
+        map(_comparable, read_jsonl(full)), key=orjson.dumps
+    )
+    parts = [tmp_path / f"part-{i}.jsonl" for i in range(2)]
+    for i, part in enumerate(parts):
+        assert (
+            run_cli(parquet, part, "--model", tiny_dir, *field, "--shard", f"{i}/2").exit_code == 0
+        )
+    assert all(read_jsonl(part) for part in parts)  # each shard holds some of the rows
+    ids = sorted(r["id"] for part in parts for r in read_jsonl(part))
+    assert ids == sorted(r["id"] for r in read_jsonl(full))
+
+
+def test_a_prompt_field_a_row_lacks_is_its_error_line(tmp_path, tiny_dir):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"id": "a", "question": "Why?"}\n{"id": "b", "query": "Who?"}\n')
+    out = tmp_path / "out.jsonl"
+    result = run_cli(rows, out, "--model", tiny_dir, "--prompt-field", "question")
+    assert result.exit_code == 3, result.output
+    by_id = {r["id"]: r for r in read_jsonl(out)}
+    assert by_id["a"]["text"] and by_id["b"]["error"]["field"] == "question"
+    both = run_cli(rows, out, "--prompt-field", "q", "--prompt-template", "{q}", "--overwrite")
+    assert both.exit_code == 2 and "exclude each other" in both.output

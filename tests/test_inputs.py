@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import orjson
 import pytest
 
 from batchgen.engine import Request, SamplingParams
 from batchgen.engine.sampling import derive_seed
+from batchgen.job import sources
 from batchgen.job.batching import JobRequest, pack
-from batchgen.job.inputs import Defaults, JobLine, LineError, parse_line, read_lines
+from batchgen.job.inputs import Defaults, JobLine, LineError, parse_line
+from batchgen.job.sources import read_lines
 
 DEFAULTS = Defaults(SamplingParams(max_tokens=12, temperature=0.5, stop=("\n",)), seed=None)
 
@@ -169,3 +172,104 @@ def test_pack_groups_by_length_within_window_and_reads_lazily():
     assert sorted(r.job.line for g in groups for r in g) == list(range(1, 13))
     assert all(1 <= len(g) <= 2 for g in groups)
     assert [r.length for r in first] == [1, 3]  # the shortest two of the first window
+
+
+CORPUS = Path(__file__).parent / "corpus"
+
+
+def test_a_text_file_is_one_prompt_per_line_numbered_as_the_file():
+    stream = io.BytesIO(b"The sky is\r\n\nQ: 2+2?\tA: \n\xff not text\n")
+    lines = list(sources.read_input(stream, "text"))
+    assert [n for n, _ in lines] == [1, 3, 4]
+    jobs = [parse_line(n, raw, DEFAULTS) for n, raw in lines]
+    assert [(j.id, j.prompt) for j in jobs[:2]] == [(1, "The sky is"), (3, "Q: 2+2?\tA: ")]
+    assert isinstance(jobs[2], LineError)
+    assert jobs[2].message == "not UTF-8 text (byte 0 is 0xff)"
+
+
+def test_a_json_array_is_numbered_by_row_and_anything_else_is_refused():
+    rows = [{"prompt": "a"}, {"id": "x", "prompt": "b"}]
+    lines = list(sources.read_input(io.BytesIO(orjson.dumps(rows)), "json"))
+    assert [(n, orjson.loads(raw)) for n, raw in lines] == [(1, rows[0]), (2, rows[1])]
+    with pytest.raises(sources.InputError, match="not an array"):
+        sources.read_input(io.BytesIO(b'{"prompt": "a"}'), "json")
+    with pytest.raises(sources.InputError, match="not valid JSON"):
+        sources.read_input(io.BytesIO(b'{"prompt": "a"}\n{"prompt": "b"}\n'), "json")
+
+
+def test_a_parquet_file_streams_in_record_batches_numbered_by_row(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "rows.parquet"
+    ids = list(range(2500))
+    labels = [None if i % 7 == 0 else f"l{i}" for i in ids]
+    pq.write_table(pa.table({"id": ids, "text": [f"p{i}" for i in ids], "label": labels}), path)
+    read: list[int] = []
+    batches = pq.ParquetFile.iter_batches
+
+    def counted(self, *args, **kwargs):
+        for batch in batches(self, *args, **kwargs):
+            read.append(batch.num_rows)
+            yield batch
+
+    monkeypatch.setattr(pq.ParquetFile, "iter_batches", counted)
+    with path.open("rb") as stream:
+        lines = list(sources.read_input(stream, "parquet"))
+    assert read == [1024, 1024, 452]  # never the whole file at once
+    assert [n for n, _ in lines] == [i + 1 for i in ids]
+    assert orjson.loads(lines[7][1]) == {"id": 7, "text": "p7"}  # a null is a field not given
+    assert orjson.loads(lines[8][1]) == {"id": 8, "text": "p8", "label": "l8"}
+    assert sources.count_lines(path, "parquet") == 2500
+    with pytest.raises(sources.InputError, match="not a Parquet file"):
+        sources.read_input(io.BytesIO(b'{"prompt": "a"}\n'), "parquet")
+
+
+def test_the_format_follows_the_suffix_unless_given():
+    assert sources.input_format(Path("a.TXT")) == "text"
+    assert sources.input_format(Path("a.parquet")) == "parquet"
+    assert sources.input_format(Path("a.json")) == "json"
+    assert sources.input_format(Path("a.jsonl")) == "jsonl"
+    assert sources.input_format(None) == "jsonl"
+    assert sources.input_format(Path("a.txt"), "jsonl") == "jsonl"
+
+
+def test_a_prompt_field_takes_the_prompt_and_keeps_the_rest_as_metadata():
+    shape = Defaults(DEFAULTS.params, shape=sources.RowShape(prompt_field="question"))
+    row = {"id": "q1", "question": "Why?", "answer": "Because.", "max_tokens": 3}
+    job = parse_line(4, orjson.dumps(row), shape)
+    assert isinstance(job, JobLine)
+    assert (job.id, job.prompt, job.metadata) == (
+        "q1",
+        "Why?",
+        {"answer": "Because.", "max_tokens": 3},
+    )
+    assert job.params == DEFAULTS.params  # a row's fields are data, not sampling fields
+    unnamed = parse_line(5, orjson.dumps({"question": "Who?"}), shape)
+    assert (unnamed.id, unnamed.metadata) == (5, None)
+    missing = parse_line(6, orjson.dumps({"id": "q3", "text": "What?"}), shape)
+    assert isinstance(missing, LineError)
+    assert (missing.id, missing.field) == ("q3", "question")
+    assert "--prompt-field" in missing.message
+    openai_like = parse_line(7, orjson.dumps({"custom_id": "c", "question": "Q?"}), shape)
+    assert (openai_like.form, openai_like.metadata) == ("native", {"custom_id": "c"})
+
+
+def test_a_prompt_template_formats_the_row_as_python_formats_it():
+    template = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    shape = Defaults(DEFAULTS.params, shape=sources.RowShape(prompt_template=template))
+    rows = orjson.loads((CORPUS / "alpaca.json").read_bytes())
+    for number, row in enumerate(rows, start=1):
+        job = parse_line(number, orjson.dumps(row), shape)
+        assert (job.id, job.prompt, job.metadata) == (number, template.format(**row), row)
+    missing = parse_line(9, orjson.dumps({"instruction": "Do it.", "input": None}), shape)
+    assert (missing.field, missing.id) == ("input", 9)
+    nested = Defaults(shape=sources.RowShape(prompt_template="Q: {doc[title]}"))
+    assert parse_line(1, b'{"doc": {"title": "T"}}', nested).prompt == "Q: T"
+    bad = parse_line(2, b'{"doc": "a string"}', nested)
+    assert (bad.field, "--prompt-template" in bad.message) == ("prompt", True)
+    for template in ("no fields", "{{instruction}}"):  # Jinja's braces are literal here
+        with pytest.raises(ValueError, match="names no field"):
+            sources.RowShape(prompt_template=template)
+    with pytest.raises(ValueError, match="one of"):
+        sources.RowShape("prompt", "{prompt}")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import ValidationError
@@ -13,9 +11,9 @@ from pydantic import ValidationError
 from batchgen.engine.sampling import ParamError, SamplingParams, derive_seed
 from batchgen.job import records
 from batchgen.job.ledger import JsonId, is_id
+from batchgen.job.sources import FieldError, RowShape
 
 Form = Literal["native", "openai"]
-_BOM = b"\xef\xbb\xbf"
 # OpenAI request fields batchgen does not serve: refused by name, not as unknown fields.
 _UNSUPPORTED = {
     "suffix": "is not supported (GPT-2 has no infilling)",
@@ -38,21 +36,14 @@ _ALLOWED = {
 }
 
 
-class FieldError(ValueError):
-    """A line's field is missing, wrongly typed or out of range."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"field '{field}' {problem}")
-        self.field = field
-        self.problem = problem
-
-
 @dataclass(frozen=True)
 class Defaults:
-    """Command-line defaults that a line's own fields override."""
+    """How lines are read: command-line defaults that a line's own fields override, and the
+    shape of rows that are data rather than requests."""
 
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None  # base seed: lines without one get a seed derived from it and id
+    shape: RowShape | None = None
 
 
 @dataclass(frozen=True)
@@ -100,24 +91,6 @@ class LineError:
     message: str
 
 
-def read_lines(stream: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, bytes) for every non-blank line, reading lazily.
-
-    A UTF-8 byte-order mark at the start of the file is skipped; CRLF line ends are fine.
-    """
-    for number, raw in enumerate(stream, start=1):
-        if number == 1:
-            raw = raw.removeprefix(_BOM)
-        if raw.strip():
-            yield number, raw
-
-
-def count_lines(path: Path) -> int:
-    """Non-blank lines in a file (for the progress bar)."""
-    with path.open("rb") as stream:
-        return sum(1 for _ in read_lines(stream))
-
-
 def parse_line(
     number: int, raw: bytes, defaults: Defaults, form_hint: Form = "native"
 ) -> JobLine | LineError:
@@ -128,12 +101,20 @@ def parse_line(
     try:
         record = orjson.loads(raw)
     except orjson.JSONDecodeError as error:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as not_text:
+            message = f"not UTF-8 text (byte {not_text.start} is {raw[not_text.start]:#04x})"
+            return LineError(number, None, form_hint, None, message)
         return LineError(number, None, form_hint, None, f"not valid JSON: {error}")
     if not isinstance(record, dict):
         return LineError(number, None, form_hint, None, "a line must be a JSON object")
-    form: Form = "openai" if "custom_id" in record or "body" in record else "native"
+    openai = "custom_id" in record or "body" in record  # rows of a given shape are data
+    form: Form = "openai" if openai and defaults.shape is None else "native"
     line_id = _id_of(record, form, number)
     try:
+        if defaults.shape is not None:
+            record = defaults.shape.line(record)
         if form == "openai":
             return _parse_openai(number, record, defaults)
         return _parse_native(number, record, defaults)

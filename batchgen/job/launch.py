@@ -14,7 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from batchgen.job import ledger, shards
+from batchgen.job import ledger, shards, sources
 from batchgen.job.shards import Shard
 
 if TYPE_CHECKING:
@@ -48,6 +48,9 @@ class JobOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     chat_template: Path | None = None  # a Jinja file; None: the transcript GPT-2 continues
+    input_format: str = "auto"  # or one of inputs.INPUT_FORMATS
+    prompt_field: str | None = None  # rows of any shape: where the prompt is
+    prompt_template: str | None = None
     resume: bool = False
     overwrite: bool = False
     metrics: Path | None = None
@@ -96,6 +99,15 @@ def usage_problem(options: JobOptions) -> str | None:
         return "--resume needs an OUTPUT file, not stdout"
     if "" in options.stop:
         return "--stop must not be empty"
+    if options.prompt_field is not None and options.prompt_template is not None:
+        return "--prompt-field and --prompt-template exclude each other"
+    if options.prompt_template is not None or options.prompt_field is not None:
+        try:
+            sources.RowShape(options.prompt_field, options.prompt_template)
+        except ValueError as error:
+            return str(error)
+    if options.input is None and options.input_format == "parquet":
+        return "a Parquet INPUT must be a file, not stdin (its footer is read first)"
     if options.kv_cache == "slots" and (options.device == "gpu" or options.dtype == "bfloat16"):
         return "--kv-cache slots runs on the CPU in float32; use --kv-cache paged"
     if options.kv_cache_dtype == "float16" and options.kv_cache == "paged":
@@ -166,20 +178,23 @@ def run_file_job(options: JobOptions) -> dict[str, Any]:
                 stack.callback(metrics.close)
         except ledger.ClaimError as error:
             raise JobError(str(error)) from None
+        fmt = sources.input_format(options.input, options.input_format)
+        try:
+            lines = sources.read_input(source, fmt)
+        except sources.InputError as error:
+            raise JobError(str(error)) from None
         _locate_model(options.model)
         # The heavy imports (torch, MAX, transformers) wait until every check has passed.
         from tqdm import tqdm
 
-        from batchgen.job.inputs import count_lines, read_lines
-
         total = None  # the bar's total costs a pass over INPUT: only for a bar, only for a file
         if options.progress and options.input is not None and options.shard is None:
-            total = count_lines(options.input) - len(output.done)
+            total = sources.count_lines(options.input, fmt) - len(output.done)
         progress = stack.enter_context(
             tqdm(total=total, unit="req", disable=not options.progress, file=sys.stderr)
         )
         try:
-            summary = _run(options, read_lines(source), output, metrics, progress, marker)
+            summary = _run(options, lines, output, metrics, progress, marker)
         except ledger.ClaimError as error:
             raise JobError(str(error)) from None
         except OSError as error:  # a full disk, say; --resume cuts a line torn by it
@@ -214,7 +229,10 @@ def _run(
         top_p=options.top_p,
         stop=options.stop,
     )
-    defaults = Defaults(params, options.seed)
+    shape = None
+    if options.prompt_field is not None or options.prompt_template is not None:
+        shape = sources.RowShape(options.prompt_field, options.prompt_template)
+    defaults = Defaults(params, options.seed, shape)
     engine_config = engine_config_of(options)
     config = RunConfig(
         engine_config.scheduler,

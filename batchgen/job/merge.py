@@ -15,8 +15,9 @@ from typing import IO, Literal
 import orjson
 
 from batchgen.job import ledger, shards
-from batchgen.job.inputs import Defaults, parse_line, read_lines
+from batchgen.job.inputs import Defaults, parse_line
 from batchgen.job.ledger import JsonId
+from batchgen.job.sources import InputError, input_format, read_input
 
 Order = Literal["parts", "input"]
 _SHOWN = 5  # ids named in a message before "and N more"
@@ -115,7 +116,11 @@ def _choose(input_path: Path, index: PartIndex) -> list[Entry]:
     missing: list[str] = []
     seen: set[JsonId] = set()
     with _open(input_path, "--input") as stream:
-        for number, raw in read_lines(stream):
+        try:
+            lines = read_input(stream, input_format(input_path))
+        except InputError as error:
+            raise MergeError(f"--input {input_path}: {error}") from None
+        for number, raw in lines:
             line_id = parse_line(number, raw, Defaults()).id  # only the id is used
             first = line_id is not None and line_id not in seen
             entry = index.results.pop(line_id, None) if first else None

@@ -42,6 +42,7 @@ from batchgen.job.runner import (
     run_setup,
 )
 from batchgen.job.signals import Interrupted, SignalGuard
+from batchgen.job.sources import RowShape
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -72,6 +73,7 @@ class RayConfig:
     kv_cache_dtype: str = "auto"
     params: SamplingParams = field(default_factory=SamplingParams)
     seed: int | None = None  # base seed for rows without their own, as `batchgen run --seed`
+    shape: RowShape | None = None  # rows of any shape: where each row's prompt is
     batch_size: int = 32  # rows each actor's engine runs at once
     schedule: str = "continuous"
     step_tokens: int = 2048
@@ -150,7 +152,7 @@ class Generator:
         self.engine = load_engine(config.model, engine_config)
         self.run_config = RunConfig(scheduler, token_ids=config.token_ids, model_name=config.model)
         self.tokenizer = LineTokenizer(self.engine)
-        self.defaults = Defaults(config.params, config.seed)
+        self.defaults = Defaults(config.params, config.seed, config.shape)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.windows = 0  # this actor's windows so far, over all calls
 
@@ -263,6 +265,7 @@ def run_ray_job(
         kv_cache_dtype=options.kv_cache_dtype,
         params=defaults.params,
         seed=defaults.seed,
+        shape=defaults.shape,
         batch_size=options.batch_size,
         schedule=options.schedule,
         step_tokens=options.step_tokens,
