@@ -273,3 +273,11 @@ def test_a_prompt_template_formats_the_row_as_python_formats_it():
             sources.RowShape(prompt_template=template)
     with pytest.raises(ValueError, match="one of"):
         sources.RowShape("prompt", "{prompt}")
+
+
+def test_a_value_out_of_range_is_told_with_its_range():
+    error = parse_line(1, b'{"prompt": "hi", "top_p": 1e-320}', DEFAULTS)
+    assert isinstance(error, LineError) and error.field == "top_p"
+    assert error.message == "field 'top_p' is out of range: 1e-320 (allowed: above 0, up to 1)"
+    with pytest.raises(ValueError, match=r"invalid n: 17 \(allowed: 1 to 16\)"):
+        SamplingParams(n=17)

@@ -37,10 +37,11 @@ MAX_LOGIT_BIAS = 100.0
 class ParamError(ValueError):
     """A sampling parameter is out of range; `field` names it."""
 
-    def __init__(self, field: str, value: object):
-        super().__init__(f"invalid {field}: {value!r}")
+    def __init__(self, field: str, value: object, allowed: str):
+        super().__init__(f"invalid {field}: {value!r} (allowed: {allowed})")
         self.field = field
         self.value = value
+        self.allowed = allowed
 
 
 @dataclass(frozen=True)
@@ -67,27 +68,37 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # The sampler computes in float32: the values must survive the cast.
-        checks = {
-            "max_tokens": self.max_tokens >= 0,
-            "temperature": 0.0 <= self.temperature <= _FLOAT32_MAX,
-            "top_k": self.top_k >= 0,
-            "top_p": np.float32(self.top_p) > 0.0 and self.top_p <= 1.0,
-            "seed": self.seed is None or 0 <= self.seed < 2**64,
-            "stop": isinstance(self.stop, tuple) and all(self.stop),
-            "n": 1 <= self.n <= MAX_CHOICES,
-            "best_of": self.best_of is None or self.n <= self.best_of <= MAX_CHOICES,
-            "logprobs": self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
-            "prompt_logprobs": self.prompt_logprobs is None
-            or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
-            "presence_penalty": -2.0 <= self.presence_penalty <= 2.0,
-            "frequency_penalty": -2.0 <= self.frequency_penalty <= 2.0,
-            "logit_bias": all(
-                abs(bias) <= MAX_LOGIT_BIAS and token >= 0 for token, bias in self.logit_bias
+        float32 = f"{_FLOAT32_MAX:.4g}"
+        checks = {  # field: (whether it is in range, the range)
+            "max_tokens": (self.max_tokens >= 0, ">= 0"),
+            "temperature": (0.0 <= self.temperature <= _FLOAT32_MAX, f"0 to {float32}"),
+            "top_k": (self.top_k >= 0, ">= 0 (0: no cut)"),
+            "top_p": (np.float32(self.top_p) > 0.0 and self.top_p <= 1.0, "above 0, up to 1"),
+            "seed": (self.seed is None or 0 <= self.seed < 2**64, "0 to 2**64 - 1"),
+            "stop": (isinstance(self.stop, tuple) and all(self.stop), "non-empty strings"),
+            "n": (1 <= self.n <= MAX_CHOICES, f"1 to {MAX_CHOICES}"),
+            "best_of": (
+                self.best_of is None or self.n <= self.best_of <= MAX_CHOICES,
+                f"n to {MAX_CHOICES}",
+            ),
+            "logprobs": (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"0 to {MAX_LOGPROBS}",
+            ),
+            "prompt_logprobs": (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"0 to {MAX_LOGPROBS}",
+            ),
+            "presence_penalty": (-2.0 <= self.presence_penalty <= 2.0, "-2 to 2"),
+            "frequency_penalty": (-2.0 <= self.frequency_penalty <= 2.0, "-2 to 2"),
+            "logit_bias": (
+                all(abs(b) <= MAX_LOGIT_BIAS and token >= 0 for token, b in self.logit_bias),
+                f"token ids >= 0 to biases of -{MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}",
             ),
         }
-        for field, ok in checks.items():
+        for field, (ok, allowed) in checks.items():
             if not ok:
-                raise ParamError(field, getattr(self, field))
+                raise ParamError(field, getattr(self, field), allowed)
 
     @property
     def greedy(self) -> bool:

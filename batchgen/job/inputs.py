@@ -261,7 +261,8 @@ def _replace(params: SamplingParams, overrides: dict[str, Any]) -> SamplingParam
     try:
         return replace(params, **overrides)
     except ParamError as error:
-        raise FieldError(error.field, f"is out of range: {_shown(error.value)}") from None
+        message = f"is out of range: {_shown(error.value)} (allowed: {error.allowed})"
+        raise FieldError(error.field, message) from None
 
 
 def _logit_bias(bias: dict[str, float]) -> tuple[tuple[int, float], ...]:
