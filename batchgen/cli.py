@@ -246,7 +246,8 @@ def cli() -> None:
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Check the options, job file, shard and files, print what would run, and exit.",
+    help="Check the options, job file, shard, files and every line without loading the "
+    "model; print what would run (exit 3 if a line would fail).",
 )
 @click.option(
     "--shard",
@@ -305,7 +306,12 @@ def run(ctx: click.Context, **settings: Any) -> None:
         raise click.UsageError(problem)
     try:
         if settings["dry_run"]:
-            click.echo(launch.check_file_job(options))
+            import orjson
+
+            plan = launch.check_file_job(options)
+            click.echo(orjson.dumps(plan, default=str, option=orjson.OPT_INDENT_2).decode())
+            if plan["lines"]["would_fail"]:
+                ctx.exit(EXIT_LINES_FAILED)
             return
         summary = launch.run_file_job(options)
     except launch.JobError as error:

@@ -323,3 +323,36 @@ def test_a_prompt_field_a_row_lacks_is_its_error_line(tmp_path, tiny_dir):
     assert by_id["a"]["text"] and by_id["b"]["error"]["field"] == "question"
     both = run_cli(rows, out, "--prompt-field", "q", "--prompt-template", "{q}", "--overwrite")
     assert both.exit_code == 2 and "exclude each other" in both.output
+
+
+def test_dry_run_checks_every_line_without_the_model(tmp_path, tiny_dir):
+    lines = (CORPUS / "chat-with-system.jsonl").read_bytes().splitlines()
+    lines += [b'{"id": "x", "prompt": "ok"}', b'{"id": "x", "prompt": "again"}', b"{torn",
+              b'{"id": "n", "prompt": "hi", "n": 40}']  # fmt: skip
+    job = tmp_path / "in.jsonl"
+    job.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out.jsonl"
+    result = run_cli(job, out, "--model", tiny_dir, "--dry-run")
+    assert result.exit_code == 3, result.output
+    report = orjson.loads(result.stdout)["lines"]
+    assert (report["read"], report["would_run"], report["would_fail"]) == (8, 5, 3)
+    assert [(p["line"], p["field"]) for p in report["first_problems"]] == [
+        (6, "id"),
+        (7, None),
+        (8, "n"),
+    ]
+    assert "16" in report["first_problems"][2]["message"]  # the cap is stated
+    assert not out.exists()
+    # What OUTPUT holds and other shards' lines are skipped, as the run would skip them.
+    out.write_bytes(b"")
+    assert run_cli(job, out, "--model", tiny_dir, "--max-tokens", 2, "--overwrite").exit_code == 3
+    before = out.read_bytes()
+    resumed = run_cli(job, out, "--model", tiny_dir, "--dry-run", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert orjson.loads(resumed.stdout)["lines"]["skipped"] == 8
+    assert out.read_bytes() == before
+    clean = run_cli(CORPUS / "chat-with-system.jsonl", tmp_path / "o.jsonl", "--model", tiny_dir,
+                    "--dry-run", "--shard", "0/2")  # fmt: skip
+    assert clean.exit_code == 0, clean.output
+    shard = orjson.loads(clean.stdout)["lines"]
+    assert shard["would_run"] + shard["skipped"] == shard["read"] == 4 and shard["skipped"]

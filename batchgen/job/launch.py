@@ -19,6 +19,7 @@ from batchgen.job.shards import Shard
 
 if TYPE_CHECKING:
     from batchgen.engine import Engine, EngineConfig
+    from batchgen.job.inputs import Defaults
 
 
 class JobError(Exception):
@@ -135,25 +136,36 @@ def usage_problem(options: JobOptions) -> str | None:
     return None
 
 
-def check_file_job(options: JobOptions) -> str:
-    """Every check a run makes before loading the model; the resolved options as JSON."""
-    import orjson
-
+def check_file_job(options: JobOptions) -> dict[str, Any]:
+    """Every check a run makes before loading the model, and a pass over every line: the
+    resolved options, and under "lines" how many would run, be skipped or fail."""
     _stale_marker(options)
     _chat_template(options)
     if options.backend == "ray":
         _ray_module().check_reachable(options.ray_address)
-    with _open_input(options.input):
+    with _open_input(options.input) as source:
+        done = None
         for path, kind in ((options.output, "output"), (options.metrics, "metrics")):
             try:
-                ledger.claim(
+                claim = ledger.claim(
                     path, resume=options.resume, overwrite=options.overwrite, kind=kind
-                ).close()
+                )
             except ledger.ClaimError as error:
                 raise JobError(str(error)) from None
-    _locate_model(options.model)
+            claim.close()
+            done = claim.done if done is None else done
+        _locate_model(options.model)
+        from batchgen.job.survey import survey
+
+        try:
+            lines = sources.read_input(
+                source, sources.input_format(options.input, options.input_format)
+            )
+        except sources.InputError as error:
+            raise JobError(str(error)) from None
+        found = survey(lines, _defaults(options), done or ledger.Done(), options.shard)
     shown = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "progress"}
-    return orjson.dumps(shown, default=str, option=orjson.OPT_INDENT_2).decode()
+    return {**shown, "lines": found.record()}
 
 
 def run_file_job(options: JobOptions) -> dict[str, Any]:
@@ -218,21 +230,9 @@ def _run(
     marker: Path | None,
 ) -> dict[str, Any]:
     """Start the backend, then run every line; the shard's old marker goes once it has started."""
-    from batchgen.engine import SamplingParams
-    from batchgen.job.inputs import Defaults
     from batchgen.job.runner import RunConfig, run_job
 
-    params = SamplingParams(
-        max_tokens=options.max_tokens,
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        stop=options.stop,
-    )
-    shape = None
-    if options.prompt_field is not None or options.prompt_template is not None:
-        shape = sources.RowShape(options.prompt_field, options.prompt_template)
-    defaults = Defaults(params, options.seed, shape)
+    defaults = _defaults(options)
     engine_config = engine_config_of(options)
     config = RunConfig(
         engine_config.scheduler,
@@ -251,6 +251,24 @@ def _run(
     if marker:
         marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
     return run_job(lines, engine, defaults, config, output, metrics, progress)
+
+
+def _defaults(options: JobOptions) -> Defaults:
+    """How the job reads its lines: the sampling defaults, the base seed, the rows' shape."""
+    from batchgen.engine import SamplingParams
+    from batchgen.job.inputs import Defaults
+
+    params = SamplingParams(
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        stop=options.stop,
+    )
+    shape = None
+    if options.prompt_field is not None or options.prompt_template is not None:
+        shape = sources.RowShape(options.prompt_field, options.prompt_template)
+    return Defaults(params, options.seed, shape)
 
 
 def _locate_model(model: str) -> None:
