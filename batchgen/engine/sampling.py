@@ -23,14 +23,13 @@ from max.experimental.tensor import Tensor
 from max.graph import DeviceRef, TensorType
 
 from batchgen.engine.model import to_device
+from batchgen.limits import MAX_CHOICES, MAX_LOGPROBS
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _NO_CUT = np.float32(-np.inf)
 # How many of the likeliest tokens a top-p cut looks at first; more only if they hold too
 # little of the mass (a trained model's nucleus is far smaller; a flat one may need all).
 _TOP_P_FIRST_LOOK = 1024
-MAX_CHOICES = 16  # n and best_of at most (OpenAI caps best_of at 20; vLLM has no cap)
-MAX_LOGPROBS = 20  # alternatives per token at most, as OpenAI allows
 MAX_LOGIT_BIAS = 100.0
 
 

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from batchgen.engine.sampling import ParamError, SamplingParams, derive_seed
 from batchgen.job import records
-from batchgen.job.ledger import JsonId, is_id
+from batchgen.job.records import JsonId, is_id
 from batchgen.job.sources import FieldError, RowShape
 
 Form = Literal["native", "openai"]

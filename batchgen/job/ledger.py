@@ -16,10 +16,12 @@ from typing import IO, Any, Literal
 
 import orjson
 
-JsonId = str | int
+from batchgen.job import records
+from batchgen.job.records import JsonId
+
 Kind = Literal["output", "metrics"]
 # How every line batchgen writes begins (orjson puts the first key first, without spaces).
-_LINE_HEADS: dict[Kind, bytes] = {"output": b'{"id":', "metrics": b'{"type":'}
+_LINE_HEADS: dict[Kind, bytes] = {"output": records.OUTPUT_HEAD, "metrics": b'{"type":'}
 # Metrics lines: a window of the engine's work, a summary; "batch" lines before 0.3.
 _METRICS_TYPES = ("window", "batch", "summary")
 
@@ -84,42 +86,13 @@ def _begins_like(raw: bytes, kind: Kind) -> bool:
 
 
 def _account(done: Done, record: Any, name: str, number: int) -> None:
-    key = entry_key(record)
+    key = records.accounted(record)
     if key is None:
         raise ClaimError(f"{name}:{number}: not a batchgen output line")
     if key[0] == "id":
         done.ids.add(key[1])
     elif key[0] == "line":
         done.error_lines.add(key[1])
-
-
-def entry_key(record: Any) -> tuple[str, JsonId] | None:
-    """What an output line accounts for: ("id", id) for a result, ("line", n) for an error
-    line; None if the record is not a batchgen output line."""
-    if not isinstance(record, dict):
-        return None
-    if "custom_id" in record:
-        # Only what batchgen writes: a response with its status and the input line number.
-        # An OpenAI request line (custom_id, body, no response) is none of batchgen's.
-        response, extra = record.get("response"), record.get("batchgen")
-        if not (isinstance(response, dict) and isinstance(extra, dict)):
-            return None
-        line, status = extra.get("line"), response.get("status_code")
-        if not (isinstance(line, int) and isinstance(status, int)):
-            return None
-        if status == 200:
-            return ("id", record["custom_id"]) if is_id(record["custom_id"]) else None
-        return "line", line
-    if "error" in record and isinstance(record.get("line"), int):
-        return "line", record["line"]
-    if "id" in record and "text" in record:
-        return ("id", record["id"]) if is_id(record["id"]) else None
-    return None
-
-
-def is_id(value: Any) -> bool:
-    """A usable line id: a string or an integer (not a bool)."""
-    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
 def same_file(a: Path, b: Path) -> bool:

@@ -14,9 +14,9 @@ from typing import IO, Literal
 
 import orjson
 
-from batchgen.job import ledger, shards
+from batchgen.job import ledger, records, shards
 from batchgen.job.inputs import Defaults, parse_line
-from batchgen.job.ledger import JsonId
+from batchgen.job.records import JsonId
 from batchgen.job.sources import InputError, input_format, read_input
 
 Order = Literal["parts", "input"]
@@ -85,7 +85,7 @@ def _index_part(part: Path, number: int, index: PartIndex) -> None:
     with _open(part, "part") as stream:
         for offset, raw in _lines_with_offsets(stream):
             try:
-                key = ledger.entry_key(orjson.loads(raw))
+                key = records.accounted(orjson.loads(raw))
             except orjson.JSONDecodeError:
                 if raw.endswith(b"\n"):
                     raise MergeError(f"{part}: a line is not JSON at byte {offset}") from None

@@ -86,9 +86,9 @@ def result_record(
     extra: dict[str, Any] = {"line": job.line, **timing}
     if with_token_ids:
         extra["token_ids"] = token_ids[0] if len(token_ids) == 1 else token_ids
-    build = records.chat_body if job.chat else records.completion_body
-    prefix = "chatcmpl" if job.chat else "cmpl"
-    body = build(f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model, choices, used)
+    kind, prefix = ("chat.completion", "chatcmpl") if job.chat else ("text_completion", "cmpl")
+    body_id = f"{prefix}-{uuid.uuid4().hex}"
+    body = records.response_body(kind, body_id, int(time.time()), model, choices, used)
     return records.batch_output(
         f"batch_req_{uuid.uuid4().hex}", str(job.id), uuid.uuid4().hex, 200, body, extra
     )

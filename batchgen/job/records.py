@@ -13,13 +13,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from batchgen.engine.sampling import MAX_CHOICES, MAX_LOGPROBS
+from batchgen.limits import MAX_CHOICES, MAX_LOGPROBS
 
 COMPLETIONS_URL = "/v1/completions"
 CHAT_URL = "/v1/chat/completions"
 # Written by OpenAI's and vLLM's batch runners; refused with their name, not as "unknown".
 UNSUPPORTED_URLS = ("/v1/embeddings", "/v1/responses", "/score", "/v1/score", "/rerank")
 MAX_PROMPTS = 64  # prompts in one line's `prompt` array
+JsonId = str | int  # a line's id (native) or custom_id (OpenAI)
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
@@ -128,27 +129,18 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_body(
-    body_id: str, created: int, model: str, choices: list[dict[str, Any]], used: dict[str, int]
+def response_body(
+    kind: Literal["text_completion", "chat.completion"],
+    body_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    used: dict[str, int],
 ) -> dict[str, Any]:
-    """An OpenAI `text_completion` object."""
+    """An OpenAI `text_completion` or `chat.completion` object."""
     return {
         "id": body_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": used,
-    }
-
-
-def chat_body(
-    body_id: str, created: int, model: str, choices: list[dict[str, Any]], used: dict[str, int]
-) -> dict[str, Any]:
-    """An OpenAI `chat.completion` object."""
-    return {
-        "id": body_id,
-        "object": "chat.completion",
+        "object": kind,
         "created": created,
         "model": model,
         "choices": choices,
@@ -192,3 +184,62 @@ def orphan_custom_id(line: int) -> str:
     """The custom_id of an error line for a request without a usable one (a torn line, say):
     OpenAI readers need a string."""
     return f"batchgen-line-{line}"
+
+
+# What batchgen reads back of its own lines: resume and merge by what each accounts for, the
+# Ray API by its fields. Only lines of the shapes above are batchgen's.
+OUTPUT_HEAD = b'{"id":'  # how every output line begins (orjson writes the first key first)
+
+
+def is_id(value: Any) -> bool:
+    """A usable line id: a string or an integer (not a bool)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def accounted(record: Any) -> tuple[Literal["id", "line"], JsonId] | None:
+    """What an output line accounts for: ("id", id) for a result, ("line", n) for an error
+    line; None if the record is not a batchgen output line."""
+    if not isinstance(record, dict):
+        return None
+    if "custom_id" in record:
+        # A response with its status and the input line number: an OpenAI request line
+        # (custom_id, body, no response) is none of batchgen's.
+        response, extra = record.get("response"), record.get("batchgen")
+        if not (isinstance(response, dict) and isinstance(extra, dict)):
+            return None
+        line, status = extra.get("line"), response.get("status_code")
+        if not (isinstance(line, int) and isinstance(status, int)):
+            return None
+        if status == 200:
+            return ("id", record["custom_id"]) if is_id(record["custom_id"]) else None
+        return "line", line
+    if "error" in record and isinstance(record.get("line"), int):
+        return "line", record["line"]
+    if "id" in record and "text" in record:
+        return ("id", record["id"]) if is_id(record["id"]) else None
+    return None
+
+
+def summary(record: dict[str, Any]) -> dict[str, Any]:
+    """An output line's first choice as flat fields, whichever form it was written in: `id`,
+    `text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, `error` ("field: why")."""
+    if "custom_id" in record:
+        body = record["response"]["body"]
+        error = body.get("error")
+        choice = body["choices"][0] if "choices" in body else {}
+        text = choice["message"]["content"] if "message" in choice else choice.get("text")
+        usage, line_id = body.get("usage", {}), record["custom_id"]
+        message = f"{error['param']}: {error['message']}" if error else None
+    else:
+        error = record.get("error")
+        usage, line_id, text = record.get("usage", {}), record.get("id"), record.get("text")
+        message = f"{error['field']}: {error['message']}" if error else None
+        choice = record
+    return {
+        "id": line_id,
+        "text": text,
+        "finish_reason": choice.get("finish_reason"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "error": message,
+    }

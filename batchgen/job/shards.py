@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from batchgen.job.ledger import JsonId
+from batchgen.job.records import JsonId
 
 MARKER_SUFFIX = ".done.json"
 _MARKER_KIND = "batchgen shard marker"

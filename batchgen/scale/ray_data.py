@@ -27,6 +27,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from batchgen.engine import EngineConfig, SamplingParams, SchedulerConfig, Timing
+from batchgen.job import records
 from batchgen.job.batching import JobRequest
 from batchgen.job.inputs import Defaults, JobLine, LineError, parse_line
 from batchgen.job.launch import JobError, load_engine
@@ -163,7 +164,9 @@ class Generator:
             numbers = batch.column("line").to_pylist()
             lines = list(zip(numbers, batch.column("raw").to_pylist(), strict=True))
             return pa.Table.from_pylist(list(self.run_lines(lines)))
-        return pa.Table.from_pylist([_result_row(row) for row in self._rows(batch.to_pylist())])
+        return pa.Table.from_pylist(
+            [records.summary(orjson.loads(row["output"])) for row in self._rows(batch.to_pylist())]
+        )
 
     def run_lines(self, lines: list[tuple[int, bytes]]) -> Iterator[dict[str, Any]]:
         """An output row per line: its output line, whether it is a result, the window it
@@ -207,32 +210,6 @@ def _error_rows(errors: list[LineError]) -> Iterator[dict[str, Any]]:
         yield {"line": error.line, "output": error_line(error), "ok": False, "window": None,
                "timing": None}  # fmt: skip
     errors.clear()
-
-
-def _result_row(row: dict[str, Any]) -> dict[str, Any]:
-    """An output record as columns, whichever form (native or OpenAI batch) the row took."""
-    record = orjson.loads(row["output"])
-    if "custom_id" in record:
-        body = record["response"]["body"]
-        error = body.get("error")
-        choice = body["choices"][0] if "choices" in body else {}
-        usage = body.get("usage", {})
-        message = f"{error['param']}: {error['message']}" if error else None
-        line_id = record["custom_id"]
-    else:
-        error = record.get("error")
-        choice = record
-        usage = record.get("usage", {})
-        message = f"{error['field']}: {error['message']}" if error else None
-        line_id = record.get("id")
-    return {
-        "id": line_id,
-        "text": choice.get("text"),
-        "finish_reason": choice.get("finish_reason"),
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": usage.get("completion_tokens"),
-        "error": message,
-    }
 
 
 def run_ray_job(
