@@ -25,7 +25,7 @@ from batchgen.job.signals import Interrupted, raise_on_signals, restore_default_
 EXIT_LINES_FAILED = 3
 SEED = click.IntRange(0, 2**64 - 1)
 JSONL_FILE = click.Path(dir_okay=False, allow_dash=True)  # "-": stdin or stdout
-BENCH_WORKLOADS = ("uniform", "step", "mixed", "long")  # as batchgen.modes.bench runs them
+BENCH_WORKLOADS = ("uniform", "step", "mixed", "long", "scoring", "choices")  # as bench runs
 
 
 def main() -> None:
@@ -562,11 +562,12 @@ def generate(
 )
 @click.option(
     "--workloads",
-    default="uniform,step,mixed,long",
+    default="uniform,step,mixed,long,scoring,choices",
     show_default=True,
     help="Which to run, comma-separated: uniform (batches vs HF generate), step (decode "
     "step and its profile), mixed (a mixed job vs --schedule static and an HF loop), long "
-    "(long prompts).",
+    "(long prompts), scoring (echo scoring vs an HF forward pass), choices (n=4 vs four "
+    "requests).",
 )
 @click.option(
     "--batch-sizes", default="1,8,32,64", show_default=True, help="Uniform batches."

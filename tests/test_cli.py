@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -55,8 +56,8 @@ def test_help_version_and_usage_errors_import_nothing_heavy(tmp_path):
 
 def test_bench_prints_every_workload_it_is_asked_for(tiny_dir):
     """A smoke run of `batchgen bench` on the 2-layer checkpoint: it runs and says what it ran."""
-    args = ["--model", str(tiny_dir), "--workloads", "uniform,step", "--batch-sizes", "1,2",
-            "--repeats", "1"]  # fmt: skip
+    args = ["--model", str(tiny_dir), "--workloads", "uniform,step,scoring,choices",
+            "--batch-sizes", "1,2", "--repeats", "1"]  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "batchgen", "bench", *args],
         capture_output=True, text=True, env=child_env(), check=True,
@@ -65,3 +66,5 @@ def test_bench_prints_every_workload_it_is_asked_for(tiny_dir):
     assert "uniform: prompts ~32 tokens" in out and "    2 " in out
     assert out.count("decode step, batch 8") == 2  # float32 and float16 keys and values
     assert out.count("profile, decode step of 32 rows") == 4
+    assert re.search(r"scoring: 32 prompts .* batchgen \d+ scored tok/s, HF forward pass \d+", out)
+    assert re.search(r"choices: 8 prompts .* n=4 \d+ tok/s, 32 separate requests \d+ tok/s", out)

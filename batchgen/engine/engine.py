@@ -513,11 +513,18 @@ class Engine:
             targets[i] = token
         for i, row, position in scored:
             targets[i] = row.prompt[position + 1]
-        target, top, ids = self._scorer(emitted.outputs.logits, targets)
+        alternatives = {i: row.params.logprobs for i, row, _ in wanted if row.params.max_tokens}
+        alternatives.update((i, row.params.prompt_logprobs) for i, row, _ in scored)
+        top_rows = sorted(i for i, k in alternatives.items() if k)
+        target, top, ids = self._scorer(emitted.outputs.logits, targets, top_rows)
+        place = {i: r for r, i in enumerate(top_rows)}
 
         def entry(i: int, k: int | None) -> TokenLogprob:
-            pairs = zip(ids[i, : k or 0].tolist(), top[i, : k or 0].tolist(), strict=True)
-            return TokenLogprob(int(targets[i]), float(target[i]), tuple(pairs))
+            pairs: tuple[tuple[int, float], ...] = ()
+            if k:
+                r = place[i]
+                pairs = tuple(zip(ids[r, :k].tolist(), top[r, :k].tolist(), strict=True))
+            return TokenLogprob(int(targets[i]), float(target[i]), pairs)
 
         for i, row, _ in wanted:
             if row.params.max_tokens:

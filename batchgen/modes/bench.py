@@ -8,6 +8,10 @@ Workloads (`batchgen bench --workloads ...`), all greedy, on the CPU:
 - mixed: a job of prompts of 8-200 words, max_tokens 8-256, through `batchgen run` with
   default options and with `--schedule static`, next to a careful hand-written HF loop.
 - long: 32 prompts of ~500 tokens, 64 new each, through `batchgen run` with default options.
+- scoring: echo scoring (`max_tokens: 0`) of 32 prompts of ~128 tokens, next to one HF
+  forward pass over the same batch (log-softmax, the prompt's tokens gathered).
+- choices: 8 prompts of ~128 tokens with `n: 4` (one prefill each, the cache forked), next to
+  the same as 32 separate requests; sampled, 32 new tokens each.
 Jobs run as real `batchgen run` processes, timed end to end; each prints its peak memory.
 """
 
@@ -32,7 +36,7 @@ from batchgen.engine.scheduler import Row, StepPlan
 from batchgen.modes import workloads
 from batchgen.modes.workloads import hf_careful_loop, hf_generate, run_job_process
 
-WORKLOADS = ("uniform", "step", "mixed", "long")
+WORKLOADS = ("uniform", "step", "mixed", "long", "scoring", "choices")
 # What the fp32 matmuls of this machine class sustain (measured: 360-420 GFLOP/s).
 MATMUL_FLOPS = 360e9
 
@@ -51,6 +55,10 @@ class BenchConfig:
     profile_batch: int = 32
     mixed_lines: int = 128
     long_lines: int = 32
+    scoring_prompts: int = 32
+    scoring_tokens: int = 128
+    choice_prompts: int = 8
+    choices: int = 4
     seed: int = 0
 
 
@@ -107,7 +115,7 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
         f"weights {engine.weights_bytes / 2**20:.0f} MiB, KV cache "
         f"{engine.cache.nbytes / 2**20:.0f} MiB, RSS now {workloads.peak_rss_mb():.0f} MiB"
     )
-    wants_hf = {"uniform", "mixed"} & set(config.workloads)
+    wants_hf = {"uniform", "mixed", "scoring"} & set(config.workloads)
     hf = workloads.hf_model(model_dir, config.device) if wants_hf else None
     with tempfile.TemporaryDirectory() as scratch:
         for name in config.workloads:
@@ -124,6 +132,10 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
                 mixed(model_dir, hf, config, Path(scratch), print_fn)
             elif name == "long":
                 long_prompts(model_dir, config, Path(scratch), print_fn)
+            elif name == "scoring":
+                scoring(engine, hf, config, print_fn)
+            elif name == "choices":
+                choices(engine, config, print_fn)
     print_fn(f"\npeak RSS of this process: {workloads.peak_rss_mb():.0f} MiB")
 
 
@@ -263,6 +275,47 @@ def long_prompts(model_dir: Path, config: BenchConfig, scratch: Path, print_fn) 
         f"long: {len(lines)} prompts of ~500 tokens, 64 new each: batchgen run (defaults) "
         f"{job_run.wall_s:.1f} s end to end, {job_run.tokens_per_s:.1f} tok/s, peak RSS "
         f"{job_run.peak_rss_mb:.0f} MiB"
+    )
+
+
+def scoring(engine: Engine, hf, config: BenchConfig, print_fn: Callable[[str], None]) -> None:
+    """Scored prompt tokens/s: echo + max_tokens 0 (prefill only, logits where asked)."""
+    prompts = workloads.uniform_prompts(config.scoring_prompts, config.scoring_tokens, config.seed)
+    params = SamplingParams(max_tokens=0, prompt_logprobs=0)
+    requests = [Request(p, params) for p in prompts]
+    schedule = _all_at_once(prompts)
+    engine.generate(requests, schedule=schedule)  # warm-up
+    scored = sum(len(p) - 1 for p in prompts)
+    ours = median_time(lambda: engine.generate(requests, schedule=schedule), config.repeats)
+    workloads.hf_score(hf, prompts)
+    theirs = median_time(lambda: workloads.hf_score(hf, prompts), config.repeats)
+    print_fn(
+        f"scoring: {len(prompts)} prompts of ~{config.scoring_tokens} tokens (echo, max_tokens "
+        f"0), median of {config.repeats}: batchgen {scored / ours:.0f} scored tok/s, HF forward "
+        f"pass {scored / theirs:.0f} tok/s ({theirs / ours:.2f}x)"
+    )
+
+
+def choices(engine: Engine, config: BenchConfig, print_fn: Callable[[str], None]) -> None:
+    """n choices from one prefill (the prompt's K/V forked) next to n separate requests."""
+    n = config.choices
+    prompts = workloads.uniform_prompts(config.choice_prompts, config.scoring_tokens, config.seed)
+    sampled = SamplingParams(max_tokens=32, temperature=0.8, ignore_eos=True)
+    together = [Request(p, replace(sampled, n=n, seed=i)) for i, p in enumerate(prompts)]
+    apart = [Request(p, replace(sampled, seed=n * i + k)) for i, p in enumerate(prompts)
+             for k in range(n)]  # fmt: skip
+    schedule = SchedulerConfig(max_rows=n * len(prompts), step_tokens=n * sum(map(len, prompts)))
+    figures = {}
+    for label, requests in (("n", together), ("apart", apart)):
+        engine.generate(requests, schedule=schedule)  # warm-up
+        run = functools.partial(engine.generate, requests, schedule=schedule)
+        seconds = median_time(run, config.repeats)
+        figures[label] = n * len(prompts) * sampled.max_tokens / seconds
+    print_fn(
+        f"choices: {len(prompts)} prompts of ~{config.scoring_tokens} tokens, {n} choices of 32 "
+        f"sampled tokens each, median of {config.repeats}: n={n} {figures['n']:.0f} tok/s, "
+        f"{n * len(prompts)} separate requests {figures['apart']:.0f} tok/s "
+        f"({figures['n'] / figures['apart']:.2f}x)"
     )
 
 

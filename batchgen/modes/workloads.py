@@ -212,6 +212,20 @@ def hf_generate(model, prompts: list[list[int]], new_tokens: int) -> None:
         )
 
 
+def hf_score(model, prompts: list[list[int]]) -> list[float]:
+    """HF's log-probabilities of each prompt token after the first: one forward pass over a
+    right-padded batch, log-softmax, the prompt's own tokens gathered (an lm-eval scorer)."""
+    width = max(len(p) for p in prompts)
+    pad = model.config.eos_token_id
+    ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts], device=model.device)
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask.to(model.device)).logits.float()
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+        taken = logprobs.gather(-1, ids[:, 1:, None])[..., 0]
+    return [float(taken[i, : len(p) - 1].sum()) for i, p in enumerate(prompts)]
+
+
 def hf_careful_loop(model, tokenizer, lines: Sequence[dict[str, Any]], batch: int = 32) -> int:
     """What a careful hand-written HF loop does with a job: sort by max_tokens and length,
     batches of `batch`, left padding, generate each batch to its longest max_tokens, cut each
