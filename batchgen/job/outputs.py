@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 import uuid
@@ -199,3 +200,31 @@ class JobWriter:
 
     def write_record(self, record: dict[str, Any]) -> None:
         self.write([orjson.dumps(record) + b"\n"])
+
+
+class InputOrder:
+    """`--order input`: lines leave in the order their input lines were read; one that finishes
+    early waits for those before it (at most the engine's read-ahead window of them)."""
+
+    def __init__(self) -> None:
+        self._expected: collections.deque[int] = collections.deque()
+        self._held: dict[int, bytes] = {}
+
+    def expect(self, line: int) -> None:
+        """An input line that will get an output line, in reading order."""
+        self._expected.append(line)
+
+    def ready(self, lines: list[tuple[int, bytes]]) -> list[bytes]:
+        """The output lines that may be written now, given these (input line, output line)."""
+        self._held.update(lines)
+        out = []
+        while self._expected and self._expected[0] in self._held:
+            out.append(self._held.pop(self._expected.popleft()))
+        return out
+
+    def rest(self) -> list[bytes]:
+        """What is still held when a run ends early (interrupted): written, out of order,
+        rather than computed again by --resume."""
+        out = [self._held.pop(n) for n in self._expected if n in self._held]
+        self._expected.clear()
+        return out
