@@ -25,7 +25,7 @@ from batchgen.job.signals import Interrupted, raise_on_signals, restore_default_
 EXIT_LINES_FAILED = 3
 SEED = click.IntRange(0, 2**64 - 1)
 JSONL_FILE = click.Path(dir_okay=False, allow_dash=True)  # "-": stdin or stdout
-BENCH_WORKLOADS = ("uniform", "step", "mixed", "long")  # as batchgen.modes.bench runs them
+BENCH_WORKLOADS = ("uniform", "step", "mixed", "long")  # as batchgen.bench.engine runs them
 
 
 def main() -> None:
@@ -447,7 +447,7 @@ def gpt2(
     for line in interactive.banner(engine, model):
         click.echo(line)
     if benchmark:
-        from batchgen.modes.bench import tutorial_benchmark
+        from batchgen.modes.benchmark import tutorial_benchmark
 
         ids = engine.tokenizer("The history of artificial intelligence began").input_ids
         tutorial_benchmark(engine, ids, max_new_tokens or 32, runs, sizes, click.echo)
@@ -575,8 +575,8 @@ def bench(
     if not chosen or set(chosen) - set(BENCH_WORKLOADS):
         known = ", ".join(BENCH_WORKLOADS)
         raise click.BadParameter(f"{workloads!r}: choose from {known}", param_hint="--workloads")
-    from batchgen.modes import bench as bench_module
-    from batchgen.scale import bench as scale_bench
+    from batchgen.bench import backends as scale_bench
+    from batchgen.bench import engine as bench_module
 
     config = bench_module.BenchConfig(
         device=device,
@@ -588,7 +588,7 @@ def bench(
     )
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
-            from batchgen.testing import write_random_checkpoint
+            from batchgen.random_checkpoint import write_random_checkpoint
 
             model = write_random_checkpoint(Path(tmp), "124M")
         if backends:
@@ -606,7 +606,7 @@ def random_model(path: Path, shape: str, seed: int) -> None:
     """Write a seeded random-weight GPT-2 with the GPT-2 tokenizer to PATH (offline smoke tests)."""
     from transformers.utils import logging
 
-    from batchgen.testing import write_random_checkpoint
+    from batchgen.random_checkpoint import write_random_checkpoint
 
     logging.disable_progress_bar()
     click.echo(write_random_checkpoint(path, shape, seed))
