@@ -19,6 +19,7 @@ import click
 from click.core import ParameterSource
 
 from batchgen import __version__
+from batchgen.job.backends import BACKENDS
 from batchgen.job.signals import Interrupted, raise_on_signals, restore_default_signals
 
 # Exit codes beyond Click's own (1: a ClickException, 2: a usage error); see the README.
@@ -42,8 +43,8 @@ def main() -> None:
         os._exit(interrupt.exit_code)
 
 
-def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
-    if not math.isfinite(value):
+def _finite(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number")
     return value
 
@@ -60,24 +61,18 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--device",
             type=click.Choice(["auto", "cpu", "gpu"]),
-            default="auto",
-            show_default=True,
-            help="auto picks the GPU when MAX sees one.",
+            help="auto (the default) picks the GPU when MAX sees one.",
         ),
         click.option(
             "--dtype",
             type=click.Choice(["auto", "float32", "bfloat16"]),
-            default="auto",
-            show_default=True,
-            help="auto is bfloat16 on GPU, float32 on CPU.",
+            help="auto (the default) is bfloat16 on GPU, float32 on CPU.",
         ),
         click.option(
             "--kv-cache",
             type=click.Choice(["auto", "slots", "paged"]),
-            default="auto",
-            show_default=True,
             help="slots: batchgen's Mojo attention over a slot per row (CPU, auto there); "
-            "paged: MAX's paged kernels (auto on GPU).",
+            "paged: MAX's paged kernels (auto, the default, on GPU).",
         ),
         click.option(
             "--kv-cache-gb",
@@ -88,10 +83,8 @@ def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--kv-cache-dtype",
             type=click.Choice(["auto", "float32", "float16"]),
-            default="auto",
-            show_default=True,
-            help="auto: the model's; float16 (slots): half the memory and the bytes each "
-            "step reads, maths in float32, logits within ~1e-2 of float32's.",
+            help="auto (the default): the model's; float16 (slots): half the memory and the "
+            "bytes each step reads, maths in float32, logits within ~1e-2 of float32's.",
         ),
     ]
     return _with_options(command, options)
@@ -103,32 +96,24 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--max-tokens",
             type=click.IntRange(min=1),
-            default=16,
-            show_default=True,
-            help="New tokens at most.",
+            help="New tokens at most; default: as many as OpenAI's.",
         ),
         click.option(
             "--temperature",
             type=click.FloatRange(min=0),
-            default=0.0,
-            show_default=True,
             callback=_finite,
-            help="0 decodes greedily.",
+            help="0 (the default) decodes greedily.",
         ),
         click.option(
             "--top-k",
             type=click.IntRange(min=0),
-            default=0,
-            show_default=True,
-            help="0 keeps every token.",
+            help="0 (the default) keeps every token.",
         ),
         click.option(
             "--top-p",
             type=click.FloatRange(0, 1, min_open=True),
-            default=1.0,
-            show_default=True,
             callback=_finite,
-            help="Nucleus mass kept.",
+            help="Nucleus mass kept; default: all of it.",
         ),
     ]
     return _with_options(command, options)
@@ -146,10 +131,12 @@ def _with_options(
 def _load_engine(model: str, **engine_settings: Any) -> Any:
     """The engine `engine_options` describe (device, dtype, kv_cache, ...), compiled."""
     from batchgen.engine import EngineConfig
-    from batchgen.job.launch import JobError, load_engine
+    from batchgen.job.errors import JobError
+    from batchgen.job.loading import load_engine
 
+    given = {name: value for name, value in engine_settings.items() if value is not None}
     try:
-        return load_engine(model, EngineConfig(**engine_settings))
+        return load_engine(model, EngineConfig(**given))
     except JobError as error:
         raise click.ClickException(str(error)) from None
 
@@ -172,29 +159,22 @@ def cli() -> None:
 )
 @engine_options
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-    help="Rows the engine runs at once, at most.",
-)  # fmt: skip
+    "--batch-size", type=click.IntRange(min=1), help="Rows the engine runs at once, at most."
+)
 @click.option(
     "--schedule",
     type=click.Choice(["continuous", "static"]),
-    default="continuous",
-    show_default=True,
-    help="continuous: a finished row's place is refilled at once; static: a batch at a "
-    "time, each waiting for its slowest row.",
+    help="continuous (the default): a finished row's place is refilled at once; static: a "
+    "batch at a time, each waiting for its slowest row.",
 )
 @click.option(
     "--step-tokens",
     type=click.IntRange(min=1),
-    default=2048,
-    show_default=True,
     help="Prompt tokens prefilled per step beside the decoding rows; longer prompts go in chunks.",
 )
 @click.option(
     "--window",
     type=click.IntRange(min=1),
-    default=1024,
-    show_default=True,
     help="With --schedule static: requests read ahead and sorted by length before batches are cut.",
 )
 @sampling_options
@@ -242,21 +222,18 @@ def cli() -> None:
 )
 @click.option(
     "--backend",
-    type=click.Choice(["local", "ray"]),
-    default="local",
-    show_default=True,
-    help="local: this process; ray: Ray Data actors, each with its own engine "
+    type=click.Choice(list(BACKENDS)),
+    help="local (the default): this process; ray: Ray Data actors, each with its own engine "
     "(pip install 'batchgen[ray]').",
 )
 @click.option("--ray-address", help="Join this Ray cluster; default: start a local Ray.")
 @click.option(
-    "--actors", type=click.IntRange(min=1), default=1, show_default=True,
-    help="Ray actors, each loading and compiling the model once.",
+    "--actors", type=click.IntRange(min=1),
+    help="Ray actors, each loading and compiling the model once; default: one.",
 )  # fmt: skip
 @click.option(
-    "--gpus-per-actor", type=click.FloatRange(min=0), default=0, show_default=True,
-    help="GPUs each Ray actor reserves.",
-)  # fmt: skip
+    "--gpus-per-actor", type=click.FloatRange(min=0), help="GPUs each Ray actor reserves."
+)
 @click.option(
     "--cpus-per-actor",
     type=click.FloatRange(min=0, min_open=True),
@@ -274,8 +251,9 @@ def run(ctx: click.Context, **settings: Any) -> None:
     """
     from batchgen.job import launch
 
-    if settings["job_file"] is not None:
-        settings.update(_job_file_settings(ctx, settings["job_file"]))
+    job_file, dry_run = settings.pop("job_file"), settings.pop("dry_run")
+    if job_file is not None:
+        settings.update(_job_file_settings(ctx, job_file))
     try:
         options = launch.options_from(settings, os.environ, progress=sys.stderr.isatty())
     except ValueError as error:
@@ -284,13 +262,13 @@ def run(ctx: click.Context, **settings: Any) -> None:
     if problem:
         raise click.UsageError(problem)
     try:
-        if settings["dry_run"]:
+        if dry_run:
             click.echo(launch.check_file_job(options))
             return
         summary = launch.run_file_job(options)
     except launch.JobError as error:
         raise click.ClickException(str(error)) from None
-    if not options.quiet:
+    if not options.run.quiet:
         from batchgen.job.metrics import summary_text
 
         click.echo(summary_text(summary, str(options.output or "-")), err=True)
@@ -497,9 +475,9 @@ def generate(
     """Continue one PROMPT and print it with its continuation."""
     from batchgen.engine import Request, SamplingParams
 
-    params = SamplingParams(
-        max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
-    )
+    sampling = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    given = {name: value for name, value in sampling.items() if value is not None}
+    params = SamplingParams(**given, seed=seed)
     engine = _load_engine(model, **engine_settings)
     try:
         out = engine.generate([Request(engine.tokenizer(prompt).input_ids, params)])
