@@ -118,6 +118,7 @@ def run(ctx: click.Context, **settings: Any) -> None:
     one result or error line in OUTPUT as soon as its batch is done. "-" is stdin/stdout.
     Exit code 0: all lines ok; 1: the job could not start (worth a retry); 2: bad arguments
     or job file; 3: some lines failed; 130/143: interrupted (--resume goes on).
+    An option left out takes its default (--dry-run prints every option's value).
     """
     from batchgen.job import jobfile, launch
 
