@@ -76,8 +76,8 @@ def main() -> None:
     parser.add_argument("--no-hf", action="store_true", help="skip the HF baselines")
     args = parser.parse_args()
 
-    from batchgen.modes import workloads
-    from batchgen.testing import write_random_checkpoint
+    from batchgen.bench import workloads
+    from batchgen.random_checkpoint import write_random_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)

@@ -28,7 +28,7 @@ from batchgen.engine import (
     Step,
 )
 from batchgen.engine.weights import load_tokenizer
-from batchgen.testing import write_random_checkpoint
+from batchgen.random_checkpoint import write_random_checkpoint
 
 KV_CACHES = ("slots", "paged")
 ON_CPU = ("--device", "cpu")  # the same for `batchgen` commands (cpu is float32)

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from test_runner import child_env
 
 import batchgen
@@ -68,3 +69,14 @@ def test_bench_prints_every_workload_it_is_asked_for(tiny_dir):
     assert out.count("profile, decode step of 32 rows") == 4
     assert re.search(r"scoring: 32 prompts .* batchgen \d+ scored tok/s, HF forward pass \d+", out)
     assert re.search(r"choices: 8 prompts .* n=4 \d+ tok/s, 32 separate requests \d+ tok/s", out)
+
+
+def test_every_run_option_reaches_one_option_field_and_no_other_setting_is_taken():
+    from batchgen.cli.run import run
+    from batchgen.job.options import OWN_SETTINGS, SETTINGS, grouped
+
+    names = {param.name for param in run.params} - {"job_file", "dry_run"}
+    assert names == set(SETTINGS) | set(OWN_SETTINGS)
+    with pytest.raises(TypeError, match="max_token"):
+        grouped({"max_token": 3})  # a typo is an error, not a dropped option
+    assert grouped({"batch_size": 4, "top_k": None})["scheduler"] == {"max_rows": 4}

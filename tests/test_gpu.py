@@ -54,7 +54,7 @@ def test_a_greedy_124m_shape_runs_and_matches_hf_mostly(tmp_path, prompt_ids):
     import torch
     from transformers import GPT2LMHeadModel
 
-    from batchgen.testing import write_random_checkpoint
+    from batchgen.random_checkpoint import write_random_checkpoint
 
     path = write_random_checkpoint(tmp_path, "124M", seed=1)
     hf = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()

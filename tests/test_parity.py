@@ -12,7 +12,7 @@ from transformers import GPT2LMHeadModel
 
 from batchgen.engine import Engine, Request, SamplingParams, SchedulerConfig, Step
 from batchgen.engine.weights import load_checkpoint
-from batchgen.testing import write_random_checkpoint
+from batchgen.random_checkpoint import write_random_checkpoint
 
 
 def hf_next_logits(model, ids: list[int]) -> np.ndarray:

@@ -19,6 +19,9 @@ from conftest import ON_CPU, PROMPTS
 from test_runner import child_env, openai_line, read_jsonl, write_jsonl
 from test_scale_out import invoke
 
+from batchgen.engine import EngineConfig, SchedulerConfig
+from batchgen.job.options import RaySettings
+
 pytestmark = pytest.mark.ray
 ray = pytest.importorskip("ray")
 # Imported at collection, before any engine compiles in this process (see its imports).
@@ -190,7 +193,11 @@ def test_the_python_api_maps_a_dataset_of_prompt_rows(
     ]
     rows += [{"id": "bad", "prompt": None}, {"prompt": "a row without an id"}]
     rows.append(job_lines()[18])  # an OpenAI batch line, "o0"
-    config = ray_data.RayConfig(model=str(tiny_dir), device="cpu", actors=2, batch_size=3)
+    config = ray_data.RayConfig(
+        str(tiny_dir),
+        EngineConfig(device="cpu", scheduler=SchedulerConfig(max_rows=3)),
+        pool=RaySettings(actors=2),
+    )
     ray.init(address=cluster.address)
     try:
         results = ray_data.generate(ray.data.from_items(rows), config).take_all()

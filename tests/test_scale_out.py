@@ -77,13 +77,14 @@ def test_a_job_file_runs_with_paths_relative_to_it_and_flags_override_it(
 
     # A flag on the command line wins over the file; the file's other keys still apply.
     overridden = dry_run("--job", job, "--max-tokens", "3", "--overwrite")
-    assert overridden["max_tokens"] == 3
-    assert overridden["batch_size"] == 2 and overridden["stop"] == ["zzz"]
+    assert overridden["sampling"]["max_tokens"] == 3
+    assert overridden["engine"]["scheduler"]["max_rows"] == 2
+    assert overridden["sampling"]["stop"] == ["zzz"]
     assert overridden["output"] == str(jobs / "out.jsonl")
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "x"}])
     positional = dry_run("--job", job, "a.jsonl", "b.jsonl", "--no-quiet")
     assert (positional["input"], positional["output"]) == ("a.jsonl", "b.jsonl")
-    assert positional["quiet"] is False  # a job file's true flag turned off
+    assert positional["run"]["quiet"] is False  # a job file's true flag turned off
 
 
 def test_ray_options_need_the_ray_backend(tmp_path: Path):
@@ -352,7 +353,7 @@ def test_the_slurm_array_script_parses_and_dry_runs_every_task(jobs_copy: Path):
         plan = invoke(*argv_here, "--dry-run", env=env)
         assert plan.exit_code == 0, plan.output
         options = orjson.loads(plan.stdout)
-        assert options["shard"] == {"index": task, "count": 4} and options["resume"]
+        assert options["shard"] == {"index": task, "count": 4} and options["run"]["resume"]
         outputs.add(options["output"])
     assert len(outputs) == 4
 
@@ -396,7 +397,7 @@ def test_the_systemd_units_parse_and_the_service_dry_runs(
         words = batchgen_argv(line.replace("$(date +%F)", "2026-11-25"))
         words_here = [w.replace("jobs/", f"{jobs_copy}/", 1) for w in words]
         plan = dry_run(*words_here[1:])
-        assert plan["output"] == "out/2026-11-25.jsonl" and plan["resume"]
+        assert plan["output"] == "out/2026-11-25.jsonl" and plan["run"]["resume"]
         assert plan["input"] == str(jobs_copy / "examples" / "prompts.jsonl")
 
 

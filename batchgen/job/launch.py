@@ -8,66 +8,21 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from batchgen.job import ledger, shards, sources
-from batchgen.job.shards import Shard
+from batchgen.job.errors import JobError
+from batchgen.job.loading import locate_model
+from batchgen.job.options import JobOptions, RaySettings, RunSettings, grouped
 
-if TYPE_CHECKING:
-    from batchgen.engine import Engine, EngineConfig
-    from batchgen.job.inputs import Defaults
-
-
-class JobError(Exception):
-    """The job cannot start (exit 1); no file has been touched."""
-
-
-@dataclass(frozen=True)
-class JobOptions:
-    """Everything `batchgen run` was asked to do; paths are None for stdin/stdout."""
-
-    input: Path | None
-    output: Path | None
-    model: str = "gpt2"
-    device: str = "auto"
-    dtype: str = "auto"
-    kv_cache: str = "auto"
-    kv_cache_gb: float | None = None
-    kv_cache_dtype: str = "auto"
-    batch_size: int = 32
-    schedule: str = "continuous"
-    step_tokens: int = 2048
-    window: int = 1024
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    chat_template: Path | None = None  # a Jinja file; None: the transcript GPT-2 continues
-    input_format: str = "auto"  # or one of inputs.INPUT_FORMATS
-    prompt_field: str | None = None  # rows of any shape: where the prompt is
-    prompt_template: str | None = None
-    resume: bool = False
-    overwrite: bool = False
-    metrics: Path | None = None
-    token_ids: bool = False
-    progress: bool = False
-    quiet: bool = False
-    shard: Shard | None = None
-    backend: str = "local"  # or "ray"
-    ray_address: str | None = None
-    actors: int = 1
-    gpus_per_actor: float = 0.0
-    cpus_per_actor: float | None = None  # None: 1, or less where Ray Data needs the room
+__all__ = ["JobError", "JobOptions", "check_file_job", "options_from", "run_file_job"]
 
 
 def options_from(settings: dict[str, Any], env: Mapping[str, str], progress: bool) -> JobOptions:
-    """JobOptions from the command's settings; ValueError (a usage error) when they clash."""
+    """JobOptions from the command's settings (None: not given); ValueError when they clash."""
     if settings["input_path"] is None or settings["output_path"] is None:
         raise ValueError("INPUT and OUTPUT are needed: on the command line or in a --job file")
     shard = None
@@ -76,16 +31,20 @@ def options_from(settings: dict[str, Any], env: Mapping[str, str], progress: boo
     if settings["shard"] is not None:
         shard = shards.parse_shard(settings["shard"], env, settings["num_shards"])
     metrics = Path(settings["metrics_path"]) if settings["metrics_path"] else None
-    named = {
-        "input": _path_or_dash(settings["input_path"]),
-        "output": shards.with_shard(_path_or_dash(settings["output_path"]), shard, "OUTPUT"),
-        "metrics": shards.with_shard(metrics, shard, "--metrics"),
-        "progress": progress and not settings["quiet"],
-        "shard": shard,
-    }
-    known = {f.name for f in fields(JobOptions)}
-    rest = {k: v for k, v in settings.items() if k in known and k not in named}
-    return JobOptions(**named, **rest)
+    groups = grouped(settings)
+    run = RunSettings(**groups["run"])
+    return JobOptions(
+        input=_path_or_dash(settings["input_path"]),
+        output=shards.with_shard(_path_or_dash(settings["output_path"]), shard, "OUTPUT"),
+        metrics=shards.with_shard(metrics, shard, "--metrics"),
+        shard=shard,
+        **groups["job"],
+        engine=groups["engine"],
+        scheduler=groups["scheduler"],
+        sampling=groups["sampling"],
+        run=replace(run, progress=progress and not run.quiet),
+        ray=RaySettings(**groups["ray"]),
+    )
 
 
 def _path_or_dash(value: str) -> Path | None:
@@ -94,32 +53,28 @@ def _path_or_dash(value: str) -> Path | None:
 
 def usage_problem(options: JobOptions) -> str | None:
     """What is wrong with the options themselves (a usage error), if anything."""
-    if options.resume and options.overwrite:
+    run, engine = options.run, options.engine
+    if run.resume and run.overwrite:
         return "--resume and --overwrite exclude each other"
-    if options.resume and options.output is None:
+    if run.resume and options.output is None:
         return "--resume needs an OUTPUT file, not stdout"
-    if "" in options.stop:
-        return "--stop must not be empty"
-    if options.prompt_field is not None and options.prompt_template is not None:
+    if run.prompt_field is not None and run.prompt_template is not None:
         return "--prompt-field and --prompt-template exclude each other"
-    if options.prompt_template is not None or options.prompt_field is not None:
+    if run.prompt_field is not None or run.prompt_template is not None:
         try:
-            sources.RowShape(options.prompt_field, options.prompt_template)
+            sources.RowShape(run.prompt_field, run.prompt_template)
         except ValueError as error:
             return str(error)
-    if options.input is None and options.input_format == "parquet":
+    if options.input is None and run.input_format == "parquet":
         return "a Parquet INPUT must be a file, not stdin (its footer is read first)"
-    if options.kv_cache == "slots" and (options.device == "gpu" or options.dtype == "bfloat16"):
+    if "" in options.sampling.get("stop", ()):
+        return "--stop must not be empty"
+    slots = engine.get("kv_cache") == "slots"
+    if slots and (engine.get("device") == "gpu" or engine.get("dtype") == "bfloat16"):
         return "--kv-cache slots runs on the CPU in float32; use --kv-cache paged"
-    if options.kv_cache_dtype == "float16" and options.kv_cache == "paged":
+    if engine.get("kv_cache_dtype") == "float16" and engine.get("kv_cache") == "paged":
         return "--kv-cache-dtype float16 goes with the slot cache (--kv-cache slots)"
-    ray_only = (
-        options.ray_address,
-        options.actors != 1,
-        options.gpus_per_actor,
-        options.cpus_per_actor,
-    )
-    if options.backend == "local" and any(ray_only):
+    if run.backend == "local" and options.ray != RaySettings():
         return (
             "--ray-address, --actors, --gpus-per-actor and --cpus-per-actor go with --backend ray"
         )
@@ -139,71 +94,57 @@ def usage_problem(options: JobOptions) -> str | None:
 def check_file_job(options: JobOptions) -> dict[str, Any]:
     """Every check a run makes before loading the model, and a pass over every line: the
     resolved options, and under "lines" how many would run, be skipped or fail."""
+    from batchgen.job import backends
+
+    run = options.run
     _stale_marker(options)
     _chat_template(options)
-    if options.backend == "ray":
-        _ray_module().check_reachable(options.ray_address)
+    backends.backend_class(run.backend).check(options)
     with _open_input(options.input) as source:
-        done = None
+        done = ledger.Done()
         for path, kind in ((options.output, "output"), (options.metrics, "metrics")):
             try:
-                claim = ledger.claim(
-                    path, resume=options.resume, overwrite=options.overwrite, kind=kind
-                )
+                claim = ledger.claim(path, resume=run.resume, overwrite=run.overwrite, kind=kind)
             except ledger.ClaimError as error:
                 raise JobError(str(error)) from None
             claim.close()
-            done = claim.done if done is None else done
-        _locate_model(options.model)
+            done = claim.done if kind == "output" else done
+        locate_model(options.model)
         from batchgen.job.survey import survey
 
-        try:
-            lines = sources.read_input(
-                source, sources.input_format(options.input, options.input_format)
-            )
-        except sources.InputError as error:
-            raise JobError(str(error)) from None
-        found = survey(lines, _defaults(options), done or ledger.Done(), options.shard)
-    shown = {f.name: getattr(options, f.name) for f in fields(options) if f.name != "progress"}
-    return {**shown, "lines": found.record()}
+        found = survey(_lines(options, source), options.defaults(), done, options.shard)
+    return {**options.resolved(), "lines": found.record()}
 
 
 def run_file_job(options: JobOptions) -> dict[str, Any]:
     """Run the job; return its summary. JobError when it cannot start."""
+    run = options.run
     opened = _open_input(options.input)
     marker = _stale_marker(options)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(opened)
         try:
-            output = ledger.claim(
-                options.output, resume=options.resume, overwrite=options.overwrite
-            )
+            output = ledger.claim(options.output, resume=run.resume, overwrite=run.overwrite)
             stack.callback(output.close)
             metrics = None
             if options.metrics:
                 metrics = ledger.claim(
-                    options.metrics,
-                    resume=options.resume,
-                    overwrite=options.overwrite,
-                    kind="metrics",
+                    options.metrics, resume=run.resume, overwrite=run.overwrite, kind="metrics"
                 )
                 stack.callback(metrics.close)
         except ledger.ClaimError as error:
             raise JobError(str(error)) from None
-        fmt = sources.input_format(options.input, options.input_format)
-        try:
-            lines = sources.read_input(source, fmt)
-        except sources.InputError as error:
-            raise JobError(str(error)) from None
-        _locate_model(options.model)
+        lines = _lines(options, source)
+        locate_model(options.model)
         # The heavy imports (torch, MAX, transformers) wait until every check has passed.
         from tqdm import tqdm
 
         total = None  # the bar's total costs a pass over INPUT: only for a bar, only for a file
-        if options.progress and options.input is not None and options.shard is None:
+        if run.progress and options.input is not None and options.shard is None:
+            fmt = sources.input_format(options.input, run.input_format)
             total = sources.count_lines(options.input, fmt) - len(output.done)
         progress = stack.enter_context(
-            tqdm(total=total, unit="req", disable=not options.progress, file=sys.stderr)
+            tqdm(total=total, unit="req", disable=not run.progress, file=sys.stderr)
         )
         try:
             summary = _run(options, lines, output, metrics, progress, marker)
@@ -229,76 +170,43 @@ def _run(
     progress: Any,
     marker: Path | None,
 ) -> dict[str, Any]:
-    """Start the backend, then run every line; the shard's old marker goes once it has started."""
-    from batchgen.job.runner import RunConfig, run_job
+    """The job through its backend, from the options' one description of it."""
+    from batchgen.job import backends
+    from batchgen.job.runner import RunConfig, drive
 
-    defaults = _defaults(options)
-    engine_config = engine_config_of(options)
+    run = options.run
+    backend_class = backends.backend_class(run.backend)
     config = RunConfig(
-        engine_config.scheduler,
-        options.window,
-        options.token_ids,
+        options.engine_config().scheduler,
+        run.window,
+        run.token_ids,
         options.model,
         options.shard,
         _chat_template(options),
     )
-    if options.backend == "ray":
-        ray_data = _ray_module()
-        return ray_data.run_ray_job(
-            options, lines, defaults, config, output, metrics, progress, marker
-        )
-    engine = load_engine(options.model, engine_config)
-    if marker:
-        marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
-    return run_job(lines, engine, defaults, config, output, metrics, progress)
+    backend = backend_class(options, config)
+    return drive(backend, lines, options.defaults(), config, output, metrics, progress, marker)
 
 
-def _defaults(options: JobOptions) -> Defaults:
-    """How the job reads its lines: the sampling defaults, the base seed, the rows' shape."""
-    from batchgen.engine import SamplingParams
-    from batchgen.job.inputs import Defaults
-
-    params = SamplingParams(
-        max_tokens=options.max_tokens,
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        stop=options.stop,
-    )
-    shape = None
-    if options.prompt_field is not None or options.prompt_template is not None:
-        shape = sources.RowShape(options.prompt_field, options.prompt_template)
-    return Defaults(params, options.seed, shape)
-
-
-def _locate_model(model: str) -> None:
-    """JobError, in one line saying what to do, when the model is nowhere to be loaded from."""
-    from batchgen.job.models import ModelNotFound, locate
-
+def _lines(options: JobOptions, source: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """INPUT's requests in its format; JobError at once if it cannot be read in it."""
     try:
-        locate(model)
-    except ModelNotFound as error:
+        return sources.read_input(
+            source, sources.input_format(options.input, options.run.input_format)
+        )
+    except sources.InputError as error:
         raise JobError(str(error)) from None
 
 
 def _chat_template(options: JobOptions) -> str | None:
     """The --chat-template file's text; JobError if it cannot be read."""
-    if options.chat_template is None:
+    path = options.run.chat_template
+    if path is None:
         return None
     try:
-        return options.chat_template.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise JobError(f"cannot read --chat-template {options.chat_template}: {error}") from None
-
-
-def _ray_module() -> Any:
-    """batchgen.scale.ray_data, or JobError saying how to install Ray."""
-    try:
-        from batchgen.scale import ray_data
-    except ImportError as error:
-        needs = f"--backend ray needs Ray ({error}): pip install 'batchgen[ray]'"
-        raise JobError(needs) from None
-    return ray_data
+        raise JobError(f"cannot read --chat-template {path}: {error}") from None
 
 
 def _stale_marker(options: JobOptions) -> Path | None:
@@ -311,55 +219,6 @@ def _stale_marker(options: JobOptions) -> Path | None:
     if not shards.is_marker(marker):
         raise JobError(f"{marker} exists and is not a batchgen shard marker; move it away")
     return marker
-
-
-def engine_config_of(options: JobOptions) -> EngineConfig:
-    """The engine a job asks for: where it runs, its KV cache and how rows are admitted."""
-    from batchgen.engine import EngineConfig, SchedulerConfig
-
-    scheduler = SchedulerConfig(options.schedule, options.batch_size, options.step_tokens)
-    return EngineConfig(
-        device=options.device,
-        dtype=options.dtype,
-        kv_cache=options.kv_cache,
-        kv_cache_gb=options.kv_cache_gb,
-        kv_cache_dtype=options.kv_cache_dtype,
-        scheduler=scheduler,
-    )
-
-
-def load_engine(model: str, config: EngineConfig) -> Engine:
-    """The compiled engine, or JobError naming why the model cannot load.
-
-    Loading and compiling run in a worker thread while this one waits: a signal handler runs
-    only in the main thread between bytecodes, and a cold compile holds the thread that calls
-    it for a minute or more (MAX lets go of the GIL meanwhile), so Ctrl-C is answered at once.
-    """
-    from transformers.utils import logging
-
-    from batchgen.engine import Engine
-    from batchgen.engine.kernels import KernelBuildError
-
-    logging.disable_progress_bar()  # transformers' loading bar would garble the job's stderr
-    loaded: list[Engine] = []
-    failed: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            loaded.append(Engine.from_pretrained(model, config))
-        except BaseException as error:  # noqa: BLE001 - handed to the waiting thread
-            failed.append(error)
-
-    # A daemon: an interrupted start-up exits without waiting for the compile to end.
-    worker = threading.Thread(target=load, name="batchgen-load", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.1)
-    if failed and isinstance(failed[0], OSError | ValueError | KernelBuildError):
-        raise JobError(f"cannot load model {model!r}: {failed[0]}") from failed[0]
-    if failed:
-        raise failed[0]
-    return loaded[0]
 
 
 def _open_input(path: Path | None) -> contextlib.AbstractContextManager[IO[bytes]]:

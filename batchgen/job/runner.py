@@ -1,12 +1,18 @@
-"""The batch job: input lines -> requests -> engine -> result lines, streamed."""
+"""The batch job: input lines -> requests -> engine -> result lines, streamed.
+
+`drive` is the one driver loop (filter, signals, writing, setup record, shard marker); a
+`Backend` runs the engine(s) for it: `LocalBackend` here, others named in job/backends.py.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tqdm import tqdm
 
@@ -24,10 +30,15 @@ from batchgen.engine.transcript import STOP_STRINGS, render
 from batchgen.job.batching import JobRequest, pack
 from batchgen.job.inputs import Defaults, Form, JobLine, JsonId, LineError, parse_line
 from batchgen.job.ledger import Claim, Done
+from batchgen.job.loading import load_engine
 from batchgen.job.metrics import RunStats, window_record
+from batchgen.job.options import RunSettings
 from batchgen.job.outputs import JobWriter, Result, error_line, result_line
 from batchgen.job.shards import Shard
 from batchgen.job.signals import Interrupted, SignalGuard
+
+if TYPE_CHECKING:
+    from batchgen.job.options import JobOptions
 
 
 @dataclass(frozen=True)
@@ -35,52 +46,132 @@ class RunConfig:
     """How a job is scheduled and reported."""
 
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    window: int = 1024  # requests read ahead and ordered before they start (see _ordered)
+    window: int = RunSettings.window  # requests read ahead and ordered (see _ordered)
     token_ids: bool = False  # also write each completion's token ids
     model_name: str = "gpt2"
     shard: Shard | None = None  # run only this shard's lines
     chat_template: str | None = None  # Jinja text; None: the transcript GPT-2 continues
 
 
-def run_job(
+@dataclass(frozen=True)
+class LineBatch:
+    """Output lines finished together, as a backend hands them to the sink to write."""
+
+    lines: list[bytes]
+    failed: int = 0  # how many of them are error lines (a result that could not be written)
+    window: WindowStats | None = None  # the engine window they finished in; None: error lines
+    timings: list[Timing] = field(default_factory=list)
+    worker: str | None = None  # the engine's process, where it is not this one
+
+
+# A line the driver admitted: its raw bytes (what a remote engine parses again) and its parse.
+Admitted = tuple[bytes, JobLine | LineError]
+
+
+class Backend(Protocol):
+    """Where a job's engines run: admitted lines in, batches of finished lines out."""
+
+    def __init__(self, options: JobOptions, config: RunConfig) -> None: ...
+
+    @classmethod
+    def check(cls, options: JobOptions) -> None:
+        """What --dry-run can check without starting anything; JobError if it cannot run."""
+
+    def start(self, jobs: Iterator[Admitted]) -> contextlib.AbstractContextManager[float]:
+        """Engines ready for `jobs`; gives the run clock's start. OUTPUT opens only after."""
+
+    def batches(
+        self, on_error: Callable[[LineError], None], check: Callable[[], None]
+    ) -> Iterator[LineBatch]:
+        """Finished lines as they come; lines refused on the way go to `on_error` at once,
+        and `check` runs between steps (a signal raised there ends the run)."""
+
+    def setup(self, interrupted: str | None) -> tuple[float, dict[str, Any]]:
+        """Seconds of setup inside the run's clock (not run time), and the setup record."""
+
+
+def drive(
+    backend: Backend,
     lines: Iterable[tuple[int, bytes]],
-    engine: Engine,
     defaults: Defaults,
     config: RunConfig,
     output: Claim,
     metrics: Claim | None = None,
     progress: tqdm | None = None,
+    marker: Path | None = None,
 ) -> dict[str, Any]:
     """Run every line `output` does not already hold, one output line per input line.
 
     Returns the run summary. A first SIGINT/SIGTERM abandons the requests in flight and ends
     the run early ("interrupted" names the signal); OUTPUT holds only whole lines either way.
-    An engine failure propagates, also leaving only whole lines.
+    An engine failure propagates, also leaving only whole lines. The shard's old `marker`
+    goes once the backend has started.
     """
     stats = RunStats()
     admit = LineFilter(defaults, output.done, stats, config.shard).admit
-    jobs = (job for number, raw in lines if (job := admit(number, raw)) is not None)
-    items = map(LineTokenizer(engine, config.chat_template).requests, jobs)
-    sampler_s = engine.timings.sampler_compile_s
-    interrupted: str | None = None
-    with SignalGuard() as signals:
-        sink = JobSink(output, metrics, stats, signals, progress)
-        try:
-            for results, window in run_requests(engine, items, config, sink.error, signals.check):
-                written = [
-                    result_line(r, config.model_name, config.token_ids, engine.vocab_bytes)
-                    for r in results
-                ]
-                timings = [r.completion.timing for r in results]
-                failed = sum(not ok for _, ok in written)
-                sink.window([line for line, _ in written], failed, window, timings)
-            signals.check()
-        except Interrupted as error:
-            interrupted = str(error)
+    jobs = ((raw, job) for number, raw in lines if (job := admit(number, raw)) is not None)
+    with backend.start(jobs) as clock:
+        if marker:
+            marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
+        interrupted: str | None = None
+        with SignalGuard() as signals:
+            sink = JobSink(output, metrics, stats, signals, progress, clock)
+            try:
+                for batch in backend.batches(sink.error, signals.check):
+                    sink.write(batch)
+                signals.check()
+            except Interrupted as error:
+                interrupted = str(error)
+            setup_s, setup = backend.setup(interrupted)
+            return sink.close(setup_s, setup)
+
+
+class LocalBackend:
+    """The engine in this process: loaded and compiled once, then fed a window at a time."""
+
+    def __init__(self, options: JobOptions, config: RunConfig):
+        self.options = options
+        self.config = config
+        self.jobs: Iterator[Admitted] = iter(())
+        self.engine: Engine | None = None
+        self.sampler_s = 0.0
+
+    @classmethod
+    def check(cls, options: JobOptions) -> None:
+        """Nothing to check beyond what every run checks."""
+
+    @contextlib.contextmanager
+    def start(self, jobs: Iterator[Admitted]) -> Iterator[float]:
+        self.engine = load_engine(self.options.model, self.options.engine_config())
+        self.sampler_s = self.engine.timings.sampler_compile_s
+        self.jobs = jobs
+        yield time.perf_counter()
+
+    def batches(
+        self, on_error: Callable[[LineError], None], check: Callable[[], None]
+    ) -> Iterator[LineBatch]:
+        engine, config = self._engine(), self.config
+        tokenizer = LineTokenizer(engine, config.chat_template)
+        items = (tokenizer.requests(job) for _, job in self.jobs)
+        for results, window in run_requests(engine, items, config, on_error, check):
+            written = [
+                result_line(r, config.model_name, config.token_ids, engine.vocab_bytes)
+                for r in results
+            ]
+            failed = sum(not ok for _, ok in written)
+            timings = [r.completion.timing for r in results]
+            yield LineBatch([line for line, _ in written], failed, window, timings)
+
+    def setup(self, interrupted: str | None) -> tuple[float, dict[str, Any]]:
+        engine = self._engine()
         # Compiling the sampler mid-run, the first time a line samples, is setup.
-        setup_s = engine.timings.sampler_compile_s - sampler_s
-        setup = run_setup(config, interrupted, engine)
-        return sink.close(setup_s, setup)
+        setup_s = engine.timings.sampler_compile_s - self.sampler_s
+        return setup_s, run_setup(self.config, interrupted, engine)
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("the local backend has not started")
+        return self.engine
 
 
 def run_requests(
@@ -162,29 +253,22 @@ class JobSink:
         self.start = time.perf_counter() if start is None else start
 
     def error(self, error: LineError) -> None:
-        self.error_lines([error_line(error)])
+        """A line refused before it ran: its error line, at once."""
+        self.write(LineBatch([error_line(error)]))
 
-    def error_lines(self, lines: list[bytes]) -> None:
-        self.stats.failed += len(lines)
+    def write(self, batch: LineBatch) -> None:
+        """Lines finished together, whole; an engine window's also a metrics line."""
+        lines, window = batch.lines, batch.window
         with self.signals.shielded():
             self.writer.write(lines)
-        self._advance(len(lines))
-
-    def window(
-        self,
-        lines: list[bytes],
-        failed: int,
-        window: WindowStats,
-        timings: list[Timing],
-        **extra: Any,
-    ) -> None:
-        """A window's finished lines; `failed` of them are error lines (results unwritable)."""
-        with self.signals.shielded():
-            self.writer.write(lines)
-            if self.metrics:
+            if self.metrics and window is not None:
+                worker = {"worker": batch.worker} if batch.worker else {}
                 record = window_record(window, len(lines))
-                self.metrics.write_record({"type": "window", **record, **extra})
-        self.stats.add_window(window, timings, failed=failed)
+                self.metrics.write_record({"type": "window", **record, **worker})
+        if window is None:
+            self.stats.failed += len(lines)
+        else:
+            self.stats.add_window(window, batch.timings, failed=batch.failed)
         self._advance(len(lines))
 
     def close(self, setup_s: float, setup: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """Ray Data backend: a pool of actors, each loading and compiling the engine once in `__init__`,
-maps batches of input lines to output lines; the driver writes them as a local run would.
+maps batches of input lines to output lines; `RayBackend` hands them to the job's driver loop,
+which writes them as a local run's.
 
 `generate(ds, config)` is the same thing for Ray users: a Dataset of prompt rows in, a
 Dataset of result rows out. Ray is imported only here (the `batchgen[ray]` extra).
@@ -13,9 +14,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,30 +26,29 @@ import pyarrow.compute  # noqa: F401, I001
 import ray
 from ray.data import ActorPoolStrategy
 
-from batchgen.engine import EngineConfig, SamplingParams, SchedulerConfig, Timing
+from batchgen.engine import EngineConfig, Timing
 from batchgen.job import records
 from batchgen.job.batching import JobRequest
+from batchgen.job.errors import JobError
 from batchgen.job.inputs import Defaults, JobLine, LineError, parse_line
-from batchgen.job.launch import JobError, load_engine
-from batchgen.job.ledger import Claim
-from batchgen.job.metrics import RunStats, window_from_record
+from batchgen.job.loading import load_engine
+from batchgen.job.metrics import window_from_record
+from batchgen.job.options import RaySettings
 from batchgen.job.outputs import error_line, result_line
 from batchgen.job.runner import (
-    JobSink,
-    LineFilter,
+    Admitted,
+    LineBatch,
     LineTokenizer,
     RunConfig,
     run_requests,
     run_setup,
 )
-from batchgen.job.signals import Interrupted, SignalGuard
-from batchgen.job.sources import RowShape
 
 if TYPE_CHECKING:
     import pyarrow as pa
     from ray.data import Dataset
 
-    from batchgen.job.launch import JobOptions
+    from batchgen.job.options import JobOptions
 
 # Lines handed to an actor per call: several times the rows it runs at once, so that the
 # engine refills finished rows from the same call for most of it.
@@ -64,23 +63,12 @@ class RayJobError(JobError):
 
 @dataclass(frozen=True)
 class RayConfig:
-    """The model each actor runs, its decoding defaults, and the actor pool."""
+    """The model each actor runs, its engine, its decoding defaults, and the actor pool."""
 
-    model: str = "gpt2"
-    device: str = "auto"
-    dtype: str = "auto"
-    kv_cache: str = "auto"
-    kv_cache_gb: float | None = None
-    kv_cache_dtype: str = "auto"
-    params: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None  # base seed for rows without their own, as `batchgen run --seed`
-    shape: RowShape | None = None  # rows of any shape: where each row's prompt is
-    batch_size: int = 32  # rows each actor's engine runs at once
-    schedule: str = "continuous"
-    step_tokens: int = 2048
-    actors: int = 1
-    cpus_per_actor: float | None = None  # None: 1, or less so that Ray Data keeps a CPU
-    gpus_per_actor: float = 0.0
+    model: str
+    engine: EngineConfig = field(default_factory=EngineConfig)  # its scheduler: rows per actor
+    defaults: Defaults = field(default_factory=Defaults)  # as `batchgen run`'s options set them
+    pool: RaySettings = field(default_factory=RaySettings)
     token_ids: bool = False
 
 
@@ -93,7 +81,7 @@ def generate(ds: Dataset, config: RayConfig) -> Dataset:
     `text`, `finish_reason`, `prompt_tokens`, `completion_tokens` and `error` (null, or why
     the row could not run).
     """
-    call_size = config.batch_size * BATCHES_PER_CALL
+    call_size = config.engine.scheduler.max_rows * BATCHES_PER_CALL
     return _map(ds, config, ray.cluster_resources(), call_size)
 
 
@@ -104,9 +92,9 @@ def _map(ds: Dataset, config: RayConfig, resources: dict[str, float], call_size:
         fn_constructor_kwargs={"config": config},
         batch_size=call_size,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=config.actors),
+        compute=ActorPoolStrategy(size=config.pool.actors),
         num_cpus=cpus,
-        num_gpus=config.gpus_per_actor or None,
+        num_gpus=config.pool.gpus_per_actor or None,
         # A crashed actor's batch is retried, but not forever: a line that kills every actor
         # it meets would otherwise hang the job.
         max_task_retries=MAX_TASK_RETRIES,
@@ -116,20 +104,21 @@ def _map(ds: Dataset, config: RayConfig, resources: dict[str, float], call_size:
 def actor_cpus(config: RayConfig, resources: dict[str, float]) -> float:
     """CPUs per actor that leave one for Ray Data's own read and write tasks; RayJobError if the
     asked-for pool cannot start at all (Ray would wait for it forever, without an error)."""
+    pool = config.pool
     total_cpus = resources.get("CPU", 0.0)
     total_gpus = resources.get("GPU", 0.0)
-    if config.gpus_per_actor * config.actors > total_gpus:
+    if pool.gpus_per_actor * pool.actors > total_gpus:
         raise RayJobError(
-            f"{config.actors} actors x {config.gpus_per_actor} GPUs need "
-            f"{config.actors * config.gpus_per_actor:g} GPUs; the Ray cluster has {total_gpus:g}"
+            f"{pool.actors} actors x {pool.gpus_per_actor} GPUs need "
+            f"{pool.actors * pool.gpus_per_actor:g} GPUs; the Ray cluster has {total_gpus:g}"
         )
     spare = total_cpus - 1  # Ray Data's tasks starve, and the job hangs, with none left
-    cpus = config.cpus_per_actor
+    cpus = pool.cpus_per_actor
     if cpus is None:
-        cpus = min(1.0, spare / config.actors) if spare > 0 else 0.0
-    if cpus <= 0 or cpus * config.actors > spare:
+        cpus = min(1.0, spare / pool.actors) if spare > 0 else 0.0
+    if cpus <= 0 or cpus * pool.actors > spare:
         raise RayJobError(
-            f"{config.actors} actors x {cpus:g} CPUs leave no CPU of this Ray cluster's "
+            f"{pool.actors} actors x {cpus:g} CPUs leave no CPU of this Ray cluster's "
             f"{total_cpus:g} for Ray Data's own tasks, and the job would hang: use fewer "
             "--actors or a smaller --cpus-per-actor (fractions such as 0.5 work)"
         )
@@ -141,19 +130,11 @@ class Generator:
 
     def __init__(self, config: RayConfig):
         self.config = config
-        scheduler = SchedulerConfig(config.schedule, config.batch_size, config.step_tokens)
-        engine_config = EngineConfig(
-            device=config.device,
-            dtype=config.dtype,
-            kv_cache=config.kv_cache,
-            kv_cache_gb=config.kv_cache_gb,
-            kv_cache_dtype=config.kv_cache_dtype,
-            scheduler=scheduler,
-        )
-        self.engine = load_engine(config.model, engine_config)
+        self.engine = load_engine(config.model, config.engine)
+        scheduler = config.engine.scheduler
         self.run_config = RunConfig(scheduler, token_ids=config.token_ids, model_name=config.model)
         self.tokenizer = LineTokenizer(self.engine)
-        self.defaults = Defaults(config.params, config.seed, config.shape)
+        self.defaults = config.defaults
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.windows = 0  # this actor's windows so far, over all calls
 
@@ -212,106 +193,77 @@ def _error_rows(errors: list[LineError]) -> Iterator[dict[str, Any]]:
     errors.clear()
 
 
-def run_ray_job(
-    options: JobOptions,
-    lines: Iterator[tuple[int, bytes]],
-    defaults: Defaults,
-    config: RunConfig,
-    output: Claim,
-    metrics: Claim | None,
-    progress: Any,
-    marker: Path | None,
-) -> dict[str, Any]:
-    """`batchgen run --backend ray`: the driver reads, filters and writes; actors generate."""
-    stats = RunStats()
-    admit = LineFilter(defaults, output.done, stats, config.shard).admit
-    errors: list[LineError] = []
-    rows: list[dict[str, Any]] = []
-    for number, raw in lines:
-        item = admit(number, raw)
-        if isinstance(item, LineError):
-            errors.append(item)
-        elif isinstance(item, JobLine):
-            rows.append({"line": number, "raw": raw})
-    ray_config = RayConfig(
-        model=options.model,
-        device=options.device,
-        dtype=options.dtype,
-        kv_cache=options.kv_cache,
-        kv_cache_gb=options.kv_cache_gb,
-        kv_cache_dtype=options.kv_cache_dtype,
-        params=defaults.params,
-        seed=defaults.seed,
-        shape=defaults.shape,
-        batch_size=options.batch_size,
-        schedule=options.schedule,
-        step_tokens=options.step_tokens,
-        actors=options.actors,
-        cpus_per_actor=options.cpus_per_actor,
-        gpus_per_actor=options.gpus_per_actor,
-        token_ids=options.token_ids,
-    )
-    with _ray_session(options.ray_address) as resources:
-        start = time.perf_counter()
-        blocks: Iterator[dict[str, Any]] = iter(())
-        if rows:
-            # Several engine batches per call, but never fewer calls than actors.
-            call_size = min(options.batch_size * BATCHES_PER_CALL, -(-len(rows) // options.actors))
-            items = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // call_size))
-            mapped = _map(items, ray_config, resources, call_size)
-            results = iter(mapped.iter_batches(batch_size=None))
-            # Nothing is written before an actor has loaded the model and sent a block back: a
-            # model that cannot load leaves OUTPUT as it was, as on the local backend.
-            first = next(results, None)
-            blocks = itertools.chain([first] if first is not None else [], results)
-        if marker:
-            marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
-        return _write(blocks, errors, stats, config, output, metrics, progress, options, start)
+class RayBackend:
+    """`batchgen run --backend ray`: the driver reads and filters the lines, actors generate."""
+
+    def __init__(self, options: JobOptions, config: RunConfig):
+        self.config = config
+        self.ray = options.ray
+        self.ray_config = RayConfig(
+            options.model, options.engine_config(), options.defaults(), options.ray,
+            options.run.token_ids,
+        )  # fmt: skip
+        self.errors: list[LineError] = []  # lines the driver refused as it read them
+        self.blocks: Iterator[dict[str, Any]] = iter(())
+
+    @classmethod
+    def check(cls, options: JobOptions) -> None:
+        check_reachable(options.ray.address)
+
+    @contextlib.contextmanager
+    def start(self, jobs: Iterator[Admitted]) -> Iterator[float]:
+        """Every line read, the pool started, and its first block back (or no lines)."""
+        rows: list[dict[str, Any]] = []
+        for raw, item in jobs:
+            if isinstance(item, LineError):
+                self.errors.append(item)
+            elif isinstance(item, JobLine):
+                rows.append({"line": item.line, "raw": raw})
+        with _ray_session(self.ray.address) as resources:
+            start = time.perf_counter()
+            if rows:
+                # Several engine batches per call, but never fewer calls than actors.
+                per_call = self.config.scheduler.max_rows * BATCHES_PER_CALL
+                call_size = min(per_call, -(-len(rows) // self.ray.actors))
+                items = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // call_size))
+                mapped = _map(items, self.ray_config, resources, call_size)
+                results = iter(mapped.iter_batches(batch_size=None))
+                # Nothing is written before an actor has loaded the model and sent a block
+                # back: a model that cannot load leaves OUTPUT as it was, as on the local backend.
+                first = next(results, None)
+                self.blocks = itertools.chain([first] if first is not None else [], results)
+            yield start
+
+    def batches(
+        self, on_error: Callable[[LineError], None], check: Callable[[], None]
+    ) -> Iterator[LineBatch]:
+        for error in self.errors:
+            on_error(error)
+        for block in self.blocks:
+            check()
+            yield from block_batches(block)
+
+    def setup(self, interrupted: str | None) -> tuple[float, dict[str, Any]]:
+        """The actors' loading and compiling happen inside the run's clock: no setup time."""
+        where = f"ray ({self.ray.actors} actors, device {self.ray_config.engine.device})"
+        return 0.0, run_setup(self.config, interrupted, None, where)
 
 
-def _write(
-    blocks: Iterator[dict[str, Any]],
-    errors: list[LineError],
-    stats: RunStats,
-    config: RunConfig,
-    output: Claim,
-    metrics: Claim | None,
-    progress: Any,
-    options: JobOptions,
-    start: float,
-) -> dict[str, Any]:
-    interrupted: str | None = None
-    with SignalGuard() as signals:
-        sink = JobSink(output, metrics, stats, signals, progress, start)
-        try:
-            for error in errors:
-                sink.error(error)
-            for block in blocks:
-                signals.check()
-                write_rows(sink, block)
-            signals.check()
-        except Interrupted as error:
-            interrupted = str(error)
-        where = f"ray ({options.actors} actors, device {options.device})"
-        setup = run_setup(config, interrupted, None, where)
-        return sink.close(0.0, setup)
-
-
-def write_rows(sink: JobSink, block: dict[str, Any]) -> None:
-    """The actors' rows of one block, written per engine window (a metrics line each)."""
+def block_batches(block: dict[str, Any]) -> Iterator[LineBatch]:
+    """The actors' rows of one block, a batch per engine window (a metrics line each)."""
     by_window: dict[bytes | None, list[int]] = {}
     for i, key in enumerate(block["window"]):
         by_window.setdefault(key, []).append(i)
     for key, rows in by_window.items():
         lines = [bytes(block["output"][i]) for i in rows]
         if key is None:  # error lines the actors wrote (a prompt too long, say)
-            sink.error_lines(lines)
+            yield LineBatch(lines)
             continue
         record = orjson.loads(key)
         worker = record.pop("worker")
         timings = [Timing(**orjson.loads(block["timing"][i])) for i in rows]
         failed = sum(not block["ok"][i] for i in rows)
-        sink.window(lines, failed, window_from_record(record), timings, worker=worker)
+        yield LineBatch(lines, failed, window_from_record(record), timings, worker)
 
 
 def check_reachable(address: str | None) -> None:

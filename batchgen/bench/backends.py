@@ -17,11 +17,11 @@ from pathlib import Path
 
 import orjson
 
-from batchgen.engine import Timing, WindowStats
+from batchgen.engine import SchedulerConfig, Timing, WindowStats
 from batchgen.job import ledger
 from batchgen.job.inputs import Defaults
 from batchgen.job.metrics import RunStats, window_record
-from batchgen.job.runner import JobSink, LineFilter
+from batchgen.job.runner import JobSink, LineBatch, LineFilter
 from batchgen.job.shards import Shard
 from batchgen.job.signals import SignalGuard
 
@@ -32,7 +32,7 @@ PROMPT = "The history of natural language processing began in the 1950s, when"
 class ScaleBenchConfig:
     lines: int = 128
     max_tokens: int = 32
-    batch_size: int = 32
+    batch_size: int = SchedulerConfig.max_rows  # the engine's default
     actors: int = 2
     writer_lines: int = 100_000
 
@@ -97,7 +97,7 @@ def _filter_us_per_line(n: int) -> float:
 def _writer_us_per_line(path: Path, n: int, ray: bool) -> float:
     """What the writer spends per result line it is handed: the local run's JobSink, or the
     Ray driver's (which also groups a block's rows by engine window and reads their timing)."""
-    from batchgen.scale.ray_data import write_rows
+    from batchgen.scale.ray_data import block_batches
 
     text = " and then the model wrote a sentence of quite ordinary length."
     record = {"id": 12345, "text": text, "finish_reason": "length", "usage": {}, "timing": {}}
@@ -114,9 +114,10 @@ def _writer_us_per_line(path: Path, n: int, ray: bool) -> float:
             start = time.perf_counter()
             for _ in range(n // 16):
                 if ray:
-                    write_rows(sink, block)
+                    for batch in block_batches(block):
+                        sink.write(batch)
                 else:
-                    sink.window(block["output"], 0, stats, [timing] * 16)
+                    sink.write(LineBatch(block["output"], 0, stats, [timing] * 16))
             elapsed = time.perf_counter() - start
     finally:
         claim.close()
