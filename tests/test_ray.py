@@ -219,3 +219,32 @@ def test_the_python_api_maps_a_dataset_of_prompt_rows(
         assert got["completion_tokens"] == local["usage"]["completion_tokens"]
     assert by_id["bad"]["error"].startswith("prompt: field 'prompt' is missing")
     assert by_id[None]["error"] == f"id: {ray_data.NO_ROW_ID}"
+
+
+def test_rows_of_any_shape_in_input_order_with_an_error_file_as_a_local_run(
+    cluster: Any, tiny_dir: Path, tmp_path: Path
+):
+    """Parquet rows through --prompt-field, --order input and --errors: the same as locally."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": i, "question": PROMPTS[i % len(PROMPTS)] * (1 + i % 3)} for i in range(10)]
+    rows[4] = {"id": 4, "query": "no question field"}
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=3)
+    common = ("--model", tiny_dir, *ON_CPU, "--prompt-field", "question", "--order", "input",
+              "--max-tokens", 5)  # fmt: skip
+    outputs = {}
+    for backend in ("local", "ray"):
+        out, errors = tmp_path / f"{backend}.jsonl", tmp_path / f"{backend}-errors.jsonl"
+        extra = ("--backend", "ray", "--ray-address", cluster.address, "--actors", "2")
+        args = ("run", path, out, *common, "--errors", errors, *(extra if backend == "ray" else ()))
+        result = invoke(*args)
+        assert result.exit_code == 3, result.output
+        outputs[backend] = (
+            [{k: v for k, v in r.items() if k not in TIMING} for r in read_jsonl(out)],
+            read_jsonl(errors),
+        )
+    assert [r["id"] for r in outputs["ray"][0]] == [i for i in range(10) if i != 4]
+    assert outputs["ray"] == outputs["local"]
+    assert outputs["ray"][1][0]["error"]["field"] == "question"

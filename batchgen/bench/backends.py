@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import orjson
@@ -106,18 +106,19 @@ def _writer_us_per_line(path: Path, n: int, ray: bool) -> float:
     timing = Timing(1.0, 30.0, 300.0, 32)
     window = orjson.dumps({"worker": "host:1", **window_record(stats, 16)})
     rows = {"window": [window] * 16, "timing": [orjson.dumps(asdict(timing))] * 16}
-    block = {"output": [line] * 16, "ok": [True] * 16, **rows}
+    block = {"output": [line] * 16, "ok": [True] * 16, "line": list(range(16)), **rows}
     claim = ledger.claim(path, resume=False, overwrite=False)
     try:
         with SignalGuard() as signals:
-            sink = JobSink(claim, None, RunStats(), signals, None)
+            sink = JobSink((claim, None, None), RunStats(), signals, None)
             start = time.perf_counter()
             for _ in range(n // 16):
                 if ray:
                     for batch in block_batches(block):
                         sink.write(batch)
                 else:
-                    sink.write(LineBatch(block["output"], 0, stats, [timing] * 16))
+                    batch = LineBatch(block["output"], block["line"], block["ok"], stats)
+                    sink.write(replace(batch, timings=[timing] * 16))
             elapsed = time.perf_counter() - start
     finally:
         claim.close()

@@ -89,8 +89,24 @@ EXIT_LINES_FAILED = 3
     type=click.Path(dir_okay=False),
     help="Also write per-batch timing and a run summary to this JSONL file.",
 )
+@click.option(
+    "--errors",
+    "errors_path",
+    type=click.Path(dir_okay=False),
+    help="Write error lines to this JSONL file instead of OUTPUT (as OpenAI's batches keep an "
+    "error file); resume, no-clobber, the lock and merge treat it as OUTPUT.",
+)
+@click.option(
+    "--order",
+    type=click.Choice(["finished", "input"]),
+    help="finished (the default): lines as their requests finish; input: in INPUT's order, "
+    "a line that finishes early held until those before it are written.",
+)
 @click.option("--token-ids/--no-token-ids", help="Add each completion's token ids to its line.")
-@click.option("--quiet/--no-quiet", help="No progress bar and no summary on stderr.")
+@click.option(
+    "--quiet/--no-quiet",
+    help="No progress (a bar on a terminal, a line every 30 s in a log) and no summary.",
+)
 @click.option(
     "--dry-run",
     is_flag=True,
@@ -148,7 +164,7 @@ def run(ctx: click.Context, **settings: Any) -> None:
         except jobfile.JobFileError as error:
             raise click.UsageError(str(error)) from None
     try:
-        options = launch.options_from(settings, os.environ, progress=sys.stderr.isatty())
+        options = launch.options_from(settings, os.environ, terminal=sys.stderr.isatty())
     except ValueError as error:
         raise click.UsageError(str(error)) from None
     problem = launch.usage_problem(options)

@@ -21,7 +21,7 @@ from batchgen.job.options import JobOptions, RaySettings, RunSettings, grouped
 __all__ = ["JobError", "JobOptions", "check_file_job", "options_from", "run_file_job"]
 
 
-def options_from(settings: dict[str, Any], env: Mapping[str, str], progress: bool) -> JobOptions:
+def options_from(settings: dict[str, Any], env: Mapping[str, str], terminal: bool) -> JobOptions:
     """JobOptions from the command's settings (None: not given); ValueError when they clash."""
     if settings["input_path"] is None or settings["output_path"] is None:
         raise ValueError("INPUT and OUTPUT are needed: on the command line or in a --job file")
@@ -31,18 +31,20 @@ def options_from(settings: dict[str, Any], env: Mapping[str, str], progress: boo
     if settings["shard"] is not None:
         shard = shards.parse_shard(settings["shard"], env, settings["num_shards"])
     metrics = Path(settings["metrics_path"]) if settings["metrics_path"] else None
+    errors = Path(settings["errors_path"]) if settings["errors_path"] else None
     groups = grouped(settings)
     run = RunSettings(**groups["run"])
     return JobOptions(
         input=_path_or_dash(settings["input_path"]),
         output=shards.with_shard(_path_or_dash(settings["output_path"]), shard, "OUTPUT"),
         metrics=shards.with_shard(metrics, shard, "--metrics"),
+        errors=shards.with_shard(errors, shard, "--errors"),
         shard=shard,
         **groups["job"],
         engine=groups["engine"],
         scheduler=groups["scheduler"],
         sampling=groups["sampling"],
-        run=replace(run, progress=progress and not run.quiet),
+        run=replace(run, progress="none" if run.quiet else "bar" if terminal else "log"),
         ray=RaySettings(**groups["ray"]),
     )
 
@@ -81,10 +83,16 @@ def usage_problem(options: JobOptions) -> str | None:
     if options.shard and options.output is None:
         return "--shard needs an OUTPUT file, not stdout: its completion marker goes beside it"
     marker = shards.marker_path(options.output) if options.shard and options.output else None
-    if marker and options.metrics and ledger.same_file(options.metrics, marker):
-        return f"--metrics {options.metrics} is OUTPUT's shard marker"
-    named = {"INPUT": options.input, "OUTPUT": options.output}
-    for path, name in ((options.output, "OUTPUT"), (options.metrics, "--metrics")):
+    for path, name in ((options.metrics, "--metrics"), (options.errors, "--errors")):
+        if marker and path and ledger.same_file(path, marker):
+            return f"{name} {path} is OUTPUT's shard marker"
+    named = {"INPUT": options.input, "OUTPUT": options.output, "--metrics": options.metrics}
+    written = (
+        (options.output, "OUTPUT"),
+        (options.metrics, "--metrics"),
+        (options.errors, "--errors"),
+    )
+    for path, name in written:
         for other_name, other in named.items():
             if path and other and other_name != name and ledger.same_file(path, other):
                 return f"{name} {path} is the {other_name} file too"
@@ -101,53 +109,29 @@ def check_file_job(options: JobOptions) -> dict[str, Any]:
     _chat_template(options)
     backends.backend_class(run.backend).check(options)
     with _open_input(options.input) as source:
-        done = ledger.Done()
-        for path, kind in ((options.output, "output"), (options.metrics, "metrics")):
-            try:
-                claim = ledger.claim(path, resume=run.resume, overwrite=run.overwrite, kind=kind)
-            except ledger.ClaimError as error:
-                raise JobError(str(error)) from None
-            claim.close()
-            done = claim.done if kind == "output" else done
+        with contextlib.ExitStack() as stack:
+            output, _, errors = _claims(options, stack)
         locate_model(options.model)
+        from batchgen.job.runner import done_by
         from batchgen.job.survey import survey
 
+        done = done_by(output, errors)
         found = survey(_lines(options, source), options.defaults(), done, options.shard)
     return {**options.resolved(), "lines": found.record()}
 
 
 def run_file_job(options: JobOptions) -> dict[str, Any]:
     """Run the job; return its summary. JobError when it cannot start."""
-    run = options.run
     opened = _open_input(options.input)
     marker = _stale_marker(options)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(opened)
-        try:
-            output = ledger.claim(options.output, resume=run.resume, overwrite=run.overwrite)
-            stack.callback(output.close)
-            metrics = None
-            if options.metrics:
-                metrics = ledger.claim(
-                    options.metrics, resume=run.resume, overwrite=run.overwrite, kind="metrics"
-                )
-                stack.callback(metrics.close)
-        except ledger.ClaimError as error:
-            raise JobError(str(error)) from None
+        claims = _claims(options, stack)
         lines = _lines(options, source)
         locate_model(options.model)
-        # The heavy imports (torch, MAX, transformers) wait until every check has passed.
-        from tqdm import tqdm
-
-        total = None  # the bar's total costs a pass over INPUT: only for a bar, only for a file
-        if run.progress and options.input is not None and options.shard is None:
-            fmt = sources.input_format(options.input, run.input_format)
-            total = sources.count_lines(options.input, fmt) - len(output.done)
-        progress = stack.enter_context(
-            tqdm(total=total, unit="req", disable=not run.progress, file=sys.stderr)
-        )
+        progress = stack.enter_context(_progress(options, claims[0]))
         try:
-            summary = _run(options, lines, output, metrics, progress, marker)
+            summary = _run(options, lines, claims, progress, marker)
         except ledger.ClaimError as error:
             raise JobError(str(error)) from None
         except OSError as error:  # a full disk, say; --resume cuts a line torn by it
@@ -162,11 +146,48 @@ def run_file_job(options: JobOptions) -> dict[str, Any]:
     return summary
 
 
+def _claims(
+    options: JobOptions, stack: contextlib.ExitStack
+) -> tuple[ledger.Claim, ledger.Claim | None, ledger.Claim | None]:
+    """OUTPUT, the metrics file and the error file, claimed (closed with `stack`)."""
+    run = options.run
+    claimed: list[ledger.Claim | None] = []
+    named = ((options.output, "output"), (options.metrics, "metrics"), (options.errors, "output"))
+    for i, (path, kind) in enumerate(named):
+        if i and path is None:
+            claimed.append(None)
+            continue
+        try:
+            claim = ledger.claim(path, resume=run.resume, overwrite=run.overwrite, kind=kind)
+        except ledger.ClaimError as error:
+            raise JobError(str(error)) from None
+        stack.callback(claim.close)
+        claimed.append(claim)
+    output, metrics, errors = claimed
+    assert output is not None
+    return output, metrics, errors
+
+
+def _progress(options: JobOptions, output: ledger.Claim) -> contextlib.AbstractContextManager[Any]:
+    """A bar on a terminal, plain lines in a log, or none; the heavy imports start here."""
+    run = options.run
+    total = None  # the total costs a pass over INPUT: only with progress, only for a file
+    if run.progress != "none" and options.input is not None and options.shard is None:
+        fmt = sources.input_format(options.input, run.input_format)
+        total = sources.count_lines(options.input, fmt) - len(output.done)
+    if run.progress == "log":
+        from batchgen.job.progress import LogProgress
+
+        return LogProgress(total)
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="req", disable=run.progress != "bar", file=sys.stderr)
+
+
 def _run(
     options: JobOptions,
     lines: Iterator[tuple[int, bytes]],
-    output: ledger.Claim,
-    metrics: ledger.Claim | None,
+    claims: tuple[ledger.Claim, ledger.Claim | None, ledger.Claim | None],
     progress: Any,
     marker: Path | None,
 ) -> dict[str, Any]:
@@ -183,9 +204,12 @@ def _run(
         options.model,
         options.shard,
         _chat_template(options),
+        run.order,
     )
     backend = backend_class(options, config)
-    return drive(backend, lines, options.defaults(), config, output, metrics, progress, marker)
+    output, metrics, errors = claims
+    defaults = options.defaults()
+    return drive(backend, lines, defaults, config, output, metrics, progress, marker, errors)
 
 
 def _lines(options: JobOptions, source: IO[bytes]) -> Iterator[tuple[int, bytes]]:

@@ -25,6 +25,7 @@ class RunSettings:
 
     backend: str = "local"  # a name in batchgen.job.backends.BACKENDS
     window: int = 1024  # requests read ahead and ordered before they start
+    order: str = "finished"  # OUTPUT's lines as they finish, or "input": in INPUT's order
     token_ids: bool = False  # also write each completion's token ids
     chat_template: Path | None = None  # a Jinja file; None: the transcript GPT-2 continues
     input_format: str = "auto"  # or one of sources.INPUT_FORMATS; auto: by INPUT's suffix
@@ -33,7 +34,7 @@ class RunSettings:
     resume: bool = False
     overwrite: bool = False
     quiet: bool = False
-    progress: bool = False
+    progress: str = "none"  # "bar" on a terminal, "log" lines otherwise; none with --quiet
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "seed": ("job", "seed"),
     "backend": ("run", "backend"),
     "window": ("run", "window"),
+    "order": ("run", "order"),
     "token_ids": ("run", "token_ids"),
     "chat_template": ("run", "chat_template"),
     "input_format": ("run", "input_format"),
@@ -81,7 +83,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "cpus_per_actor": ("ray", "cpus_per_actor"),
 }
 # Settings that options_from resolves itself: paths, and the shard they may name.
-OWN_SETTINGS = ("input_path", "output_path", "metrics_path", "shard", "num_shards")
+OWN_SETTINGS = ("input_path", "output_path", "metrics_path", "errors_path", "shard", "num_shards")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class JobOptions:
     output: Path | None
     model: str
     metrics: Path | None = None
+    errors: Path | None = None  # error lines go here instead of OUTPUT
     shard: Shard | None = None
     seed: int | None = None  # base seed: a line without its own gets one derived from it
     engine: Mapping[str, Any] = field(default_factory=dict)  # EngineConfig's, as given
@@ -124,7 +127,8 @@ class JobOptions:
         params = asdict(self.defaults().params)
         del params["seed"]  # a line's own; the job's base seed is shown apart
         top = {"input": self.input, "output": self.output, "model": self.model}
-        top |= {"metrics": self.metrics, "shard": self.shard, "seed": self.seed}
+        top |= {"metrics": self.metrics, "errors": self.errors, "shard": self.shard}
+        top["seed"] = self.seed
         return {
             **top,
             "engine": asdict(self.engine_config()),

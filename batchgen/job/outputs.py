@@ -208,18 +208,21 @@ class InputOrder:
 
     def __init__(self) -> None:
         self._expected: collections.deque[int] = collections.deque()
-        self._held: dict[int, bytes] = {}
+        self._held: dict[int, bytes | None] = {}
 
     def expect(self, line: int) -> None:
         """An input line that will get an output line, in reading order."""
         self._expected.append(line)
 
-    def ready(self, lines: list[tuple[int, bytes]]) -> list[bytes]:
-        """The output lines that may be written now, given these (input line, output line)."""
+    def ready(self, lines: list[tuple[int, bytes | None]]) -> list[bytes]:
+        """The output lines that may be written now, given these (input line, output line;
+        None: the line's output went elsewhere, to the error file)."""
         self._held.update(lines)
         out = []
         while self._expected and self._expected[0] in self._held:
-            out.append(self._held.pop(self._expected.popleft()))
+            line = self._held.pop(self._expected.popleft())
+            if line is not None:
+                out.append(line)
         return out
 
     def rest(self) -> list[bytes]:
@@ -227,4 +230,4 @@ class InputOrder:
         rather than computed again by --resume."""
         out = [self._held.pop(n) for n in self._expected if n in self._held]
         self._expected.clear()
-        return out
+        return [line for line in out if line is not None]

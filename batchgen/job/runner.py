@@ -33,7 +33,7 @@ from batchgen.job.ledger import Claim, Done
 from batchgen.job.loading import load_engine
 from batchgen.job.metrics import RunStats, window_record
 from batchgen.job.options import RunSettings
-from batchgen.job.outputs import JobWriter, Result, error_line, result_line
+from batchgen.job.outputs import InputOrder, JobWriter, Result, error_line, result_line
 from batchgen.job.shards import Shard
 from batchgen.job.signals import Interrupted, SignalGuard
 
@@ -51,6 +51,7 @@ class RunConfig:
     model_name: str = "gpt2"
     shard: Shard | None = None  # run only this shard's lines
     chat_template: str | None = None  # Jinja text; None: the transcript GPT-2 continues
+    order: str = RunSettings.order  # "finished": lines as they finish; "input": INPUT's order
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,15 @@ class LineBatch:
     """Output lines finished together, as a backend hands them to the sink to write."""
 
     lines: list[bytes]
-    failed: int = 0  # how many of them are error lines (a result that could not be written)
+    numbers: list[int]  # each one's input line number
+    ok: list[bool]  # whether each is a result (False: an error line)
     window: WindowStats | None = None  # the engine window they finished in; None: error lines
     timings: list[Timing] = field(default_factory=list)
     worker: str | None = None  # the engine's process, where it is not this one
+
+    @property
+    def failed(self) -> int:
+        return self.ok.count(False)
 
 
 # A line the driver admitted: its raw bytes (what a remote engine parses again) and its parse.
@@ -99,8 +105,10 @@ def drive(
     metrics: Claim | None = None,
     progress: tqdm | None = None,
     marker: Path | None = None,
+    errors: Claim | None = None,
 ) -> dict[str, Any]:
-    """Run every line `output` does not already hold, one output line per input line.
+    """Run every line `output` (and `errors`) does not already hold, one output line per
+    input line: error lines go to `errors` where there is one.
 
     Returns the run summary. A first SIGINT/SIGTERM abandons the requests in flight and ends
     the run early ("interrupted" names the signal); OUTPUT holds only whole lines either way.
@@ -108,14 +116,36 @@ def drive(
     goes once the backend has started.
     """
     stats = RunStats()
-    admit = LineFilter(defaults, output.done, stats, config.shard).admit
-    jobs = ((raw, job) for number, raw in lines if (job := admit(number, raw)) is not None)
-    with backend.start(jobs) as clock:
+    admit = LineFilter(defaults, done_by(output, errors), stats, config.shard).admit
+    order = InputOrder() if config.order == "input" else None
+
+    def admitted() -> Iterator[Admitted]:
+        for number, raw in lines:
+            job = admit(number, raw)
+            if job is not None:
+                if order is not None:
+                    order.expect(number)
+                yield raw, job
+
+    jobs = admitted()
+    head = list(_through_first_runnable(jobs))
+    claims = (output, metrics, errors)
+    if not head or not isinstance(head[-1][1], JobLine):
+        # No line can run (all bad, or OUTPUT holds them all): no model is loaded for it.
+        if marker:
+            marker.unlink(missing_ok=True)
+        with SignalGuard() as signals:
+            sink = JobSink(claims, stats, signals, progress, order=order)
+            for _, error in head:
+                assert isinstance(error, LineError)
+                sink.error(error)
+            return sink.close(0.0, run_setup(config, None, None, "none: no line can run"))
+    with backend.start(itertools.chain(head, jobs)) as clock:
         if marker:
             marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
         interrupted: str | None = None
         with SignalGuard() as signals:
-            sink = JobSink(output, metrics, stats, signals, progress, clock)
+            sink = JobSink(claims, stats, signals, progress, clock, order)
             try:
                 for batch in backend.batches(sink.error, signals.check):
                     sink.write(batch)
@@ -124,6 +154,23 @@ def drive(
                 interrupted = str(error)
             setup_s, setup = backend.setup(interrupted)
             return sink.close(setup_s, setup)
+
+
+def _through_first_runnable(jobs: Iterator[Admitted]) -> Iterator[Admitted]:
+    """The lines up to the first that can run (those before it are error lines)."""
+    for item in jobs:
+        yield item
+        if isinstance(item[1], JobLine):
+            return
+
+
+def done_by(output: Claim, errors: Claim | None) -> Done:
+    """What OUTPUT and the error file already account for, together."""
+    if errors is None:
+        return output.done
+    return Done(
+        output.done.ids | errors.done.ids, output.done.error_lines | errors.done.error_lines
+    )
 
 
 class LocalBackend:
@@ -158,9 +205,10 @@ class LocalBackend:
                 result_line(r, config.model_name, config.token_ids, engine.vocab_bytes)
                 for r in results
             ]
-            failed = sum(not ok for _, ok in written)
             timings = [r.completion.timing for r in results]
-            yield LineBatch([line for line, _ in written], failed, window, timings)
+            numbers = [r.job.line for r in results]
+            lines, ok = [line for line, _ in written], [ok for _, ok in written]
+            yield LineBatch(lines, numbers, ok, window, timings)
 
     def setup(self, interrupted: str | None) -> tuple[float, dict[str, Any]]:
         engine = self._engine()
@@ -232,51 +280,69 @@ def _ordered(
 
 
 class JobSink:
-    """Writes a run's lines as they come, each write whole and flushed, and counts them."""
+    """Writes a run's lines as they come, each write whole and flushed, and counts them: the
+    one place results are written (OUTPUT, the error file, the metrics file)."""
 
     def __init__(
         self,
-        output: Claim,
-        metrics: Claim | None,
+        claims: tuple[Claim, Claim | None, Claim | None],
         stats: RunStats,
         signals: SignalGuard,
         progress: tqdm | None,
         start: float | None = None,
+        order: InputOrder | None = None,
     ):
-        """`start`: when the run's clock started (default: now, once OUTPUT is open)."""
+        """`claims`: OUTPUT, the metrics file, the error file; `start`: when the run's clock
+        started (default: now, once OUTPUT is open); `order`: OUTPUT in input order."""
+        output, metrics, errors = claims
         self.stats = stats
         self.signals = signals
         self.progress = progress
+        self.order = order
         with signals.shielded():  # the caller closes the claims
             self.writer = JobWriter(output.open())
             self.metrics = JobWriter(metrics.open()) if metrics else None
+            self.errors = JobWriter(errors.open()) if errors else None
         self.start = time.perf_counter() if start is None else start
+        if progress is not None:
+            progress.reset()  # the bar's rate and ETA leave out the loading and compiling
 
     def error(self, error: LineError) -> None:
         """A line refused before it ran: its error line, at once."""
-        self.write(LineBatch([error_line(error)]))
+        self.write(LineBatch([error_line(error)], [error.line], [False]))
 
     def write(self, batch: LineBatch) -> None:
         """Lines finished together, whole; an engine window's also a metrics line."""
-        lines, window = batch.lines, batch.window
+        window = batch.window
+        rows = list(zip(batch.numbers, batch.lines, batch.ok, strict=True))
+        failed = [line for _, line, ok in rows if not ok]
+        kept = [(n, line) for n, line, ok in rows if ok or self.errors is None]
         with self.signals.shielded():
-            self.writer.write(lines)
+            if self.errors is not None:
+                self.errors.write(failed)
+            if self.order is None:
+                self.writer.write([line for _, line in kept])
+            else:
+                moved = [(n, None) for n, _, ok in rows if not ok and self.errors is not None]
+                self.writer.write(self.order.ready([*kept, *moved]))
             if self.metrics and window is not None:
                 worker = {"worker": batch.worker} if batch.worker else {}
-                record = window_record(window, len(lines))
+                record = window_record(window, len(rows))
                 self.metrics.write_record({"type": "window", **record, **worker})
         if window is None:
-            self.stats.failed += len(lines)
+            self.stats.failed += len(rows)
         else:
             self.stats.add_window(window, batch.timings, failed=batch.failed)
-        self._advance(len(lines))
+        self._advance(len(rows))
 
     def close(self, setup_s: float, setup: dict[str, Any]) -> dict[str, Any]:
         """The run summary (also the metrics file's last line); `setup_s` is not run time."""
         run_s = time.perf_counter() - self.start - setup_s
         summary = self.stats.summary(run_s, setup)
-        if self.metrics:
-            with self.signals.shielded():
+        with self.signals.shielded():
+            if self.order is not None:  # an interrupted run: what finished, out of order
+                self.writer.write(self.order.rest())
+            if self.metrics:
                 self.metrics.write_record(summary)
         return summary
 

@@ -256,14 +256,15 @@ def block_batches(block: dict[str, Any]) -> Iterator[LineBatch]:
         by_window.setdefault(key, []).append(i)
     for key, rows in by_window.items():
         lines = [bytes(block["output"][i]) for i in rows]
+        numbers = [int(block["line"][i]) for i in rows]
+        ok = [bool(block["ok"][i]) for i in rows]
         if key is None:  # error lines the actors wrote (a prompt too long, say)
-            yield LineBatch(lines)
+            yield LineBatch(lines, numbers, ok)
             continue
         record = orjson.loads(key)
         worker = record.pop("worker")
         timings = [Timing(**orjson.loads(block["timing"][i])) for i in rows]
-        failed = sum(not block["ok"][i] for i in rows)
-        yield LineBatch(lines, failed, window_from_record(record), timings, worker)
+        yield LineBatch(lines, numbers, ok, window_from_record(record), timings, worker)
 
 
 def check_reachable(address: str | None) -> None:
