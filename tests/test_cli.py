@@ -80,3 +80,26 @@ def test_every_run_option_reaches_one_option_field_and_no_other_setting_is_taken
     with pytest.raises(TypeError, match="max_token"):
         grouped({"max_token": 3})  # a typo is an error, not a dropped option
     assert grouped({"batch_size": 4, "top_k": None})["scheduler"] == {"max_rows": 4}
+
+
+def test_the_defaults_run_s_help_states_are_the_dataclasses_own():
+    """The defaults are written once, in EngineConfig, SchedulerConfig, SamplingParams and
+    RunSettings; the help text that states one must say the same."""
+    from click.testing import CliRunner
+
+    from batchgen.cli import cli
+    from batchgen.engine import SamplingParams, SchedulerConfig
+    from batchgen.job.options import RunSettings
+
+    help_text = " ".join(CliRunner().invoke(cli, ["run", "--help"]).output.split())
+    stated = {
+        "--batch-size": SchedulerConfig().max_rows,
+        "--step-tokens": SchedulerConfig().step_tokens,
+        "--window": RunSettings().window,
+        "--max-tokens": SamplingParams().max_tokens,
+        "--top-p": SamplingParams().top_p,
+    }
+    for option, default in stated.items():
+        said = re.search(rf"{option} [^\n]*?\(default: ([\d.]+)[,)]", help_text)
+        assert said is not None, option
+        assert float(said.group(1)) == default, option

@@ -70,7 +70,7 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--max-tokens",
             type=click.IntRange(min=1),
-            help="New tokens at most; default: as many as OpenAI's.",
+            help="New tokens at most (default: 16, as OpenAI's).",
         ),
         click.option(
             "--temperature",
@@ -87,7 +87,7 @@ def sampling_options(command: Callable[..., Any]) -> Callable[..., Any]:
             "--top-p",
             type=click.FloatRange(0, 1, min_open=True),
             callback=finite,
-            help="Nucleus mass kept; default: all of it.",
+            help="Nucleus mass kept (default: 1, all of it).",
         ),
     ]
     return with_options(command, options)

@@ -29,7 +29,9 @@ EXIT_LINES_FAILED = 3
 )
 @engine_options
 @click.option(
-    "--batch-size", type=click.IntRange(min=1), help="Rows the engine runs at once, at most."
+    "--batch-size",
+    type=click.IntRange(min=1),
+    help="Rows the engine runs at once, at most (default: 32).",
 )
 @click.option(
     "--schedule",
@@ -40,12 +42,14 @@ EXIT_LINES_FAILED = 3
 @click.option(
     "--step-tokens",
     type=click.IntRange(min=1),
-    help="Prompt tokens prefilled per step beside the decoding rows; longer prompts go in chunks.",
+    help="Prompt tokens prefilled per step beside the decoding rows; longer prompts go in chunks "
+    "(default: 2048).",
 )
 @click.option(
     "--window",
     type=click.IntRange(min=1),
-    help="With --schedule static: requests read ahead and sorted by length before batches are cut.",
+    help="With --schedule static: requests read ahead and sorted by length before batches "
+    "are cut (default: 1024).",
 )
 @sampling_options
 @click.option(

@@ -204,7 +204,7 @@ class JobWriter:
 
 class InputOrder:
     """`--order input`: lines leave in the order their input lines were read; one that finishes
-    early waits for those before it (at most the engine's read-ahead window of them)."""
+    early waits for those before it (as many as finish while the earliest unfinished runs)."""
 
     def __init__(self) -> None:
         self._expected: collections.deque[int] = collections.deque()
