@@ -99,7 +99,8 @@ def test_a_job_with_no_line_to_run_never_loads_the_model(tmp_path, tiny_dir):
     out = tmp_path / "out.jsonl"
     refused = run_cli(bad, out, "--model", broken)
     assert refused.exit_code == 3, refused.output
-    assert "cannot load" not in refused.output and "no requests ran" in refused.output
+    assert "cannot load" not in refused.output
+    assert "not loaded: no line could run" in refused.output
     assert [r["line"] for r in read_jsonl(out)] == [1, 2, 3]
     # A finished OUTPUT resumed: nothing left to run, so nothing to load either.
     done = tmp_path / "done.jsonl"

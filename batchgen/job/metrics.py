@@ -129,10 +129,15 @@ def summary_text(summary: dict[str, Any], output_name: str) -> str:
             f", {summary['requests_skipped']} skipped as already in {output_name} "
             f"({summary['requests_failed_earlier']} of them errors)"
         )
+    where = (
+        f"  {summary['model']} on {summary['device']} {summary['dtype']}, "
+        f"{summary['kv_cache']} KV cache: {_setup_text(summary)}"
+        if summary["device"]
+        else f"  {summary['model']} not loaded: no line could run"
+    )
     lines = [
         head,
-        f"  {summary['model']} on {summary['device']} {summary['dtype']}, "
-        f"{summary['kv_cache']} KV cache: {_setup_text(summary)}",
+        where,
         f"  {summary['generated_tokens']} tokens in {summary['steps']} steps, "
         f"{summary['run_s']:.2f} s: {summary['requests_per_s']} requests/s, "
         f"{summary['generated_tokens_per_s']} tokens/s; {summary['mean_rows']} rows a step"

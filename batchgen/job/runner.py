@@ -139,7 +139,7 @@ def drive(
             for _, error in head:
                 assert isinstance(error, LineError)
                 sink.error(error)
-            return sink.close(0.0, run_setup(config, None, None, "none: no line can run"))
+            return sink.close(0.0, run_setup(config, None, None))
     with backend.start(itertools.chain(head, jobs)) as clock:
         if marker:
             marker.unlink(missing_ok=True)  # this shard is being rewritten: no longer complete
@@ -449,7 +449,7 @@ def run_setup(
     """Where the run ran and what it cost before generating; kept apart from throughput.
 
     `engine` is None where the engines load elsewhere (Ray actors, described by `where`):
-    their setup is inside run_s.
+    their setup is inside run_s; and where none loaded (`where` empty: no line could run).
     """
     timings = asdict(engine.timings) if engine else {}
 
