@@ -21,7 +21,7 @@ else:  # pragma: no cover - Python 3.10
 
 Kind = Literal["bool", "int", "float", "str", "strings"]
 # Keys holding paths: read relative to the job file, wherever batchgen is started from.
-PATH_KEYS = ("input", "output", "metrics", "chat_template")
+PATH_KEYS = ("input", "output", "metrics", "errors", "chat_template")
 NOT_KEYS = ("job", "dry_run", "help")  # what a run is, not what is run
 
 
