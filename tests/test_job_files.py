@@ -109,3 +109,28 @@ def test_a_job_with_no_line_to_run_never_loads_the_model(tmp_path, tiny_dir):
     resumed = run_cli(good, done, "--model", broken, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert done.read_bytes() == before
+
+
+def test_order_input_holds_at_most_a_window_of_lines_behind_a_long_one(tmp_path, tiny_dir):
+    """A long first line and many short ones: the short ones would all finish while it runs;
+    with --order input the engine starts no more once a window's worth of them wait."""
+    lines = [{"id": "long", "prompt": PROMPTS[0], "max_tokens": 48, "ignore_eos": True}]
+    lines += [
+        {"id": f"s{i}", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 2, "ignore_eos": True}
+        for i in range(40)
+    ]
+    job = write_jsonl(tmp_path / "in.jsonl", lines)
+    before_long = {}
+    for order in ("finished", "input"):
+        out = tmp_path / f"{order}.jsonl"
+        options = ("--batch-size", 4, "--window", 5, "--order", order)
+        assert run_cli(job, out, "--model", tiny_dir, *options).exit_code == 0
+        written = read_jsonl(out)
+        assert sorted(r["id"] for r in written) == sorted(line["id"] for line in lines)
+        window_of = {r["id"]: r["window"]["index"] for r in written}
+        before_long[order] = sum(w < window_of["long"] for w in window_of.values())
+        if order == "input":
+            assert [r["id"] for r in written] == [line["id"] for line in lines]
+    assert before_long["finished"] > 20  # unbounded, the short lines overtake it
+    # The window, and what the engine had when it filled: rows running, its queue of as many.
+    assert before_long["input"] <= 5 + 2 * 4

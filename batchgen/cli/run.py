@@ -48,8 +48,8 @@ EXIT_LINES_FAILED = 3
 @click.option(
     "--window",
     type=click.IntRange(min=1),
-    help="With --schedule static: requests read ahead and sorted by length before batches "
-    "are cut (default: 1024).",
+    help="Requests read ahead (default: 1024): with --schedule static sorted by length "
+    "before batches are cut; with --order input, results held at most.",
 )
 @sampling_options
 @click.option(
@@ -104,7 +104,8 @@ EXIT_LINES_FAILED = 3
     "--order",
     type=click.Choice(["finished", "input"]),
     help="finished (the default): lines as their requests finish; input: in INPUT's order, "
-    "a line that finishes early held until those before it are written.",
+    "a line that finishes early held until those before it are written (at most --window "
+    "of them: then nothing new starts).",
 )
 @click.option("--token-ids/--no-token-ids", help="Add each completion's token ids to its line.")
 @click.option(

@@ -349,12 +349,16 @@ class Engine:
 
     def stream(
         self,
-        requests: Iterable[Request],
+        requests: Iterable[Request | None],
         on_step: OnStep | None = None,
         schedule: SchedulerConfig | None = None,
     ) -> Iterator[Window]:
         """Run requests as they come (read lazily, a few ahead of admission); yield a Window
-        whenever some finish. Leaving the loop early gives every row's cache back."""
+        whenever some finish. Leaving the loop early gives every row's cache back.
+
+        A source may yield None: nothing to start this step; a None while no row runs ends
+        the stream as the source's end does.
+        """
         config = schedule or self.schedule
         if not self.cache.idle:
             raise RuntimeError("the engine is already running a stream")

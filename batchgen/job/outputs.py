@@ -204,7 +204,7 @@ class JobWriter:
 
 class InputOrder:
     """`--order input`: lines leave in the order their input lines were read; one that finishes
-    early waits for those before it (as many as finish while the earliest unfinished runs)."""
+    early waits for those before it (the engine takes no more once the window's worth wait)."""
 
     def __init__(self) -> None:
         self._expected: collections.deque[int] = collections.deque()
@@ -224,6 +224,12 @@ class InputOrder:
             if line is not None:
                 out.append(line)
         return out
+
+    def waiting_on(self, limit: int) -> int | None:
+        """The input line that `limit` or more held lines wait for, if there are that many."""
+        if len(self._held) < limit or not self._expected:
+            return None
+        return self._expected[0]
 
     def rest(self) -> list[bytes]:
         """What is still held when a run ends early (interrupted): written, out of order,

@@ -72,6 +72,8 @@ class LineBatch:
 
 # A line the driver admitted: its raw bytes (what a remote engine parses again) and its parse.
 Admitted = tuple[bytes, JobLine | LineError]
+# The input line that enough finished lines wait for (None: none): start no more once it runs.
+Hold = Callable[[], int | None]
 
 
 class Backend(Protocol):
@@ -87,10 +89,11 @@ class Backend(Protocol):
         """Engines ready for `jobs`; gives the run clock's start. OUTPUT opens only after."""
 
     def batches(
-        self, on_error: Callable[[LineError], None], check: Callable[[], None]
+        self, on_error: Callable[[LineError], None], check: Callable[[], None], hold: Hold
     ) -> Iterator[LineBatch]:
         """Finished lines as they come; lines refused on the way go to `on_error` at once,
-        and `check` runs between steps (a signal raised there ends the run)."""
+        `check` runs between steps (a signal raised there ends the run), and while `hold`
+        names a line, no more are started once it runs (--order input's bound)."""
 
     def setup(self, interrupted: str | None) -> tuple[float, dict[str, Any]]:
         """Seconds of setup inside the run's clock (not run time), and the setup record."""
@@ -127,6 +130,9 @@ def drive(
                     order.expect(number)
                 yield raw, job
 
+    def hold() -> int | None:
+        return order.waiting_on(config.window) if order is not None else None
+
     jobs = admitted()
     head = list(_through_first_runnable(jobs))
     claims = (output, metrics, errors)
@@ -147,7 +153,7 @@ def drive(
         with SignalGuard() as signals:
             sink = JobSink(claims, stats, signals, progress, clock, order)
             try:
-                for batch in backend.batches(sink.error, signals.check):
+                for batch in backend.batches(sink.error, signals.check, hold):
                     sink.write(batch)
                 signals.check()
             except Interrupted as error:
@@ -195,12 +201,12 @@ class LocalBackend:
         yield time.perf_counter()
 
     def batches(
-        self, on_error: Callable[[LineError], None], check: Callable[[], None]
+        self, on_error: Callable[[LineError], None], check: Callable[[], None], hold: Hold
     ) -> Iterator[LineBatch]:
         engine, config = self._engine(), self.config
         tokenizer = LineTokenizer(engine, config.chat_template)
         items = (tokenizer.requests(job) for _, job in self.jobs)
-        for results, window in run_requests(engine, items, config, on_error, check):
+        for results, window in run_requests(engine, items, config, on_error, check, hold):
             written = [
                 result_line(r, config.model_name, config.token_ids, engine.vocab_bytes)
                 for r in results
@@ -228,25 +234,38 @@ def run_requests(
     config: RunConfig,
     on_error: Callable[[LineError], None],
     check: Callable[[], None] = lambda: None,
+    hold: Hold = lambda: None,
 ) -> Iterator[tuple[list[Result], WindowStats]]:
     """Stream the requests through the engine; yield each window's results as they finish
     (a line of several prompts once all of them have).
 
     Error lines go to `on_error` as soon as they are read; `check` runs after every step (a
-    signal raised there abandons the requests in flight).
+    signal raised there abandons the requests in flight); while `hold` names a line that the
+    engine is running, no request is started.
     """
     pending: dict[int, JobRequest] = {}
     parts: dict[int, list[list[Completion] | None]] = {}  # by input line, per prompt
+    started: dict[int, int] = {}  # prompts of each unfinished line the engine has
     arrivals = itertools.count()
     flat = (one for item in items for one in ([item] if isinstance(item, LineError) else item))
 
-    def requests() -> Iterator[Request]:
+    def running(line: int | None) -> bool:
+        return line in started and started[line] == len(parts[line])
+
+    def requests() -> Iterator[Request | None]:
         for item in _ordered(flat, config):
             if isinstance(item, LineError):
                 on_error(item)
                 continue
             pending[next(arrivals)] = item
+            line = item.job.line
+            parts.setdefault(line, [None] * max(len(item.job.prompts), 1))
+            started[line] = started.get(line, 0) + 1
             yield item.request
+            # Nothing to start this step (the engine's None): the line held lines wait for
+            # runs, and will finish, so the engine is never left idle by it.
+            while running(hold()):
+                yield None
 
     stream = engine.stream(requests(), lambda _step: check(), config.scheduler)
     for window in stream:
@@ -254,10 +273,10 @@ def run_requests(
         results = []
         for finished in window.finished:
             item = pending.pop(finished.index)
-            line = parts.setdefault(item.job.line, [None] * max(len(item.job.prompts), 1))
+            line = parts[item.job.line]
             line[item.part] = finished.completions
             if all(choices is not None for choices in line):
-                del parts[item.job.line]
+                del parts[item.job.line], started[item.job.line]
                 results.append(Result(item.job, line, record))  # type: ignore[arg-type]
         yield results, window.stats
 

@@ -37,6 +37,7 @@ from batchgen.job.options import RaySettings
 from batchgen.job.outputs import error_line, result_line
 from batchgen.job.runner import (
     Admitted,
+    Hold,
     LineBatch,
     LineTokenizer,
     RunConfig,
@@ -235,8 +236,10 @@ class RayBackend:
             yield start
 
     def batches(
-        self, on_error: Callable[[LineError], None], check: Callable[[], None]
+        self, on_error: Callable[[LineError], None], check: Callable[[], None], hold: Hold
     ) -> Iterator[LineBatch]:
+        """The actors' blocks as they come back; `hold` is not applied: Ray Data streams
+        whole blocks, and the driver has read every line already."""
         for error in self.errors:
             on_error(error)
         for block in self.blocks:
