@@ -271,6 +271,8 @@ def test_a_prompt_template_formats_the_row_as_python_formats_it():
     for template in ("no fields", "{{instruction}}"):  # Jinja's braces are literal here
         with pytest.raises(ValueError, match="names no field"):
             sources.RowShape(prompt_template=template)
+    with pytest.raises(ValueError, match="--prompt-template 'Q: {question': "):
+        sources.RowShape(prompt_template="Q: {question")
     with pytest.raises(ValueError, match="one of"):
         sources.RowShape("prompt", "{prompt}")
 

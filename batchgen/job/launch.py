@@ -129,7 +129,7 @@ def run_file_job(options: JobOptions) -> dict[str, Any]:
         claims = _claims(options, stack)
         lines = _lines(options, source)
         locate_model(options.model)
-        progress = stack.enter_context(_progress(options, claims[0]))
+        progress = stack.enter_context(_progress(options, claims))
         try:
             summary = _run(options, lines, claims, progress, marker)
         except ledger.ClaimError as error:
@@ -168,13 +168,17 @@ def _claims(
     return output, metrics, errors
 
 
-def _progress(options: JobOptions, output: ledger.Claim) -> contextlib.AbstractContextManager[Any]:
+def _progress(
+    options: JobOptions, claims: tuple[ledger.Claim, ledger.Claim | None, ledger.Claim | None]
+) -> contextlib.AbstractContextManager[Any]:
     """A bar on a terminal, plain lines in a log, or none; the heavy imports start here."""
     run = options.run
+    output, _, errors = claims
     total = None  # the total costs a pass over INPUT: only with progress, only for a file
     if run.progress != "none" and options.input is not None and options.shard is None:
         fmt = sources.input_format(options.input, run.input_format)
-        total = sources.count_lines(options.input, fmt) - len(output.done)
+        done = len(output.done) + (len(errors.done) if errors else 0)
+        total = sources.count_lines(options.input, fmt) - done
     if run.progress == "log":
         from batchgen.job.progress import LogProgress
 

@@ -42,7 +42,13 @@ class RowShape:
     def __post_init__(self) -> None:
         if (self.prompt_field is None) == (self.prompt_template is None):
             raise ValueError("give one of --prompt-field and --prompt-template")
-        if self.prompt_template is not None and not template_fields(self.prompt_template):
+        if self.prompt_template is None:
+            return
+        try:
+            named = template_fields(self.prompt_template)
+        except ValueError as error:  # an unmatched brace, say
+            raise ValueError(f"--prompt-template {self.prompt_template!r}: {error}") from None
+        if not named:
             raise ValueError(
                 f"--prompt-template {self.prompt_template!r} names no field: write the "
                 "fields as {name}, e.g. '{instruction}'"
