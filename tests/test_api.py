@@ -356,3 +356,19 @@ def test_dry_run_checks_every_line_without_the_model(tmp_path, tiny_dir):
     assert clean.exit_code == 0, clean.output
     shard = orjson.loads(clean.stdout)["lines"]
     assert shard["would_run"] + shard["skipped"] == shard["read"] == 4 and shard["skipped"]
+
+
+def test_a_job_file_takes_the_input_format_and_row_keys(tmp_path, tiny_dir):
+    (tmp_path / "questions.parquet").write_bytes((CORPUS / "questions.parquet").read_bytes())
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'input = "questions.parquet"\noutput = "out.jsonl"\nmodel = "{tiny_dir}"\n'
+        'prompt_field = "question"\norder = "input"\nerrors = "errors.jsonl"\ndevice = "cpu"\n'
+    )
+    plan = run_cli("--job", job, "--dry-run")
+    assert plan.exit_code == 0, plan.output
+    resolved = orjson.loads(plan.stdout)
+    assert resolved["run"]["prompt_field"] == "question" and resolved["lines"]["would_run"] == 6
+    assert resolved["errors"] == str(tmp_path / "errors.jsonl")
+    assert run_cli("--job", job).exit_code == 0
+    assert [r["id"] for r in read_jsonl(tmp_path / "out.jsonl")] == [101, 102, 103, 104, 105, 106]
