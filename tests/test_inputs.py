@@ -111,6 +111,17 @@ def test_read_lines_skips_a_bom_and_blank_lines_and_takes_crlf():
     assert [parse_line(n, raw, DEFAULTS).prompt for n, raw in lines] == ["a", "b"]
 
 
+def test_longest_first_flushes_each_window_so_no_request_is_carried_to_the_end():
+    """Continuous batching has no batches to fill: a short request read first starts within
+    its own window, not after every later window (it would starve, and --order input wait)."""
+    items = [job_request(1, 3, max_tokens=8)] + [job_request(n, 3, 16) for n in range(2, 41)]
+    order = [r.job.line for g in pack(iter(items), 4, 5, longest_first=True) for r in g]
+    assert sorted(order) == list(range(1, 41))
+    assert order.index(1) < 5
+    static = [r.job.line for g in pack(iter(items), 4, 5) for r in g]
+    assert sorted(static) == list(range(1, 41))
+
+
 def test_openai_batch_line():
     raw = orjson.dumps(
         {
@@ -251,6 +262,9 @@ def test_a_prompt_field_takes_the_prompt_and_keeps_the_rest_as_metadata():
     assert isinstance(missing, LineError)
     assert (missing.id, missing.field) == ("q3", "question")
     assert "--prompt-field" in missing.message
+    for bad in (5, ""):  # named as the row names it
+        wrong = parse_line(8, orjson.dumps({"id": "q9", "question": bad}), shape)
+        assert wrong.field == "question" and wrong.message.startswith("field 'question'")
     openai_like = parse_line(7, orjson.dumps({"custom_id": "c", "question": "Q?"}), shape)
     assert (openai_like.form, openai_like.metadata) == ("native", {"custom_id": "c"})
 
@@ -270,6 +284,9 @@ def test_a_prompt_template_formats_the_row_as_python_formats_it():
     assert (bad.field, "--prompt-template" in bad.message) == ("prompt", True)
     for template in ("no fields", "{{instruction}}"):  # Jinja's braces are literal here
         with pytest.raises(ValueError, match="names no field"):
+            sources.RowShape(prompt_template=template)
+    for template in ("Q: {q} {}", "{0}", "{q!x}"):
+        with pytest.raises(ValueError, match="--prompt-template"):
             sources.RowShape(prompt_template=template)
     with pytest.raises(ValueError, match="--prompt-template 'Q: {question': "):
         sources.RowShape(prompt_template="Q: {question")

@@ -59,7 +59,9 @@ def test_errors_file_takes_every_error_line_and_resume_and_merge_read_it(tmp_pat
         parts += [part, part_errors]
     merged = tmp_path / "merged.jsonl"
     args = ["merge", *map(str, parts), "--input", str(job), "-o", str(merged), "--order", "input"]
-    assert CliRunner().invoke(cli, args).exit_code == 0
+    merging = CliRunner().invoke(cli, args)
+    assert merging.exit_code == 0, merging.output
+    assert "no completion marker" not in merging.output  # error files have none of their own
     keys = [records.accounted(r) for r in read_jsonl(merged)]
     assert len(keys) == len(job_lines()) and len(set(keys)) == len(keys)
 
@@ -132,5 +134,23 @@ def test_order_input_holds_at_most_a_window_of_lines_behind_a_long_one(tmp_path,
         if order == "input":
             assert [r["id"] for r in written] == [line["id"] for line in lines]
     assert before_long["finished"] > 20  # unbounded, the short lines overtake it
+    # A short line first, long ones behind: started first, as read, so nothing piles up.
+    lines[0] = {"id": "long", "prompt": PROMPTS[0], "max_tokens": 8, "ignore_eos": True}
+    for line in lines[1:]:
+        line["max_tokens"] = 16
+    out = tmp_path / "short-first.jsonl"
+    job = write_jsonl(tmp_path / "short-first-in.jsonl", lines)
+    options = ("--batch-size", 4, "--window", 5, "--order", "input")
+    assert run_cli(job, out, "--model", tiny_dir, *options).exit_code == 0
+    window_of = {r["id"]: r["window"]["index"] for r in read_jsonl(out)}
+    assert sum(w < window_of["long"] for w in window_of.values()) <= 5 + 2 * 4
     # The window, and what the engine had when it filled: rows running, its queue of as many.
     assert before_long["input"] <= 5 + 2 * 4
+
+
+def test_shards_writing_outputs_by_template_need_one_for_the_error_file(tmp_path):
+    job = write_jsonl(tmp_path / "in.jsonl", job_lines())
+    args = (job, tmp_path / "out-{shard}.jsonl", "--shard", "0/2", "--dry-run")
+    shared = run_cli(*args, "--errors", tmp_path / "errors.jsonl")
+    assert shared.exit_code == 2 and "--errors" in shared.output and "{shard}" in shared.output
+    assert run_cli(*args, "--metrics", tmp_path / "m.jsonl").exit_code == 2

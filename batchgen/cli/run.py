@@ -190,7 +190,8 @@ def run(ctx: click.Context, **settings: Any) -> None:
     if not options.run.quiet:
         from batchgen.job.metrics import summary_text
 
-        click.echo(summary_text(summary, str(options.output or "-")), err=True)
+        errors = str(options.errors) if options.errors else None
+        click.echo(summary_text(summary, str(options.output or "-"), errors), err=True)
     if summary["interrupted"]:
         ctx.exit(128 + signal.Signals[summary["interrupted"]].value)
     if summary["requests_failed"] or summary["requests_failed_earlier"]:

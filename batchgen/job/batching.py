@@ -33,7 +33,10 @@ def pack(
     first.
 
     Errors pass straight through. At most `window` requests are held at once, so memory
-    does not grow with the input; a wider window sorts more of them together.
+    does not grow with the input; a wider window sorts more of them together. Static batches
+    carry a window's leftovers into the next, which may hold their peers; `longest_first`
+    (continuous batching, no batches to fill) flushes each window whole, so no request is
+    carried past the next window.
     """
     key = _longest_key if longest_first else _length_key
     pool: list[JobRequest] = []
@@ -44,9 +47,8 @@ def pack(
         pool.append(item)
         if len(pool) >= max(window, batch_size):
             pool.sort(key=key)
-            full = len(pool) - len(pool) % batch_size
+            full = len(pool) if longest_first else len(pool) - len(pool) % batch_size
             yield from _chunks(pool[:full], batch_size)
-            # The leftovers wait for the next window, which may hold their peers.
             pool = pool[full:]
     pool.sort(key=key)
     yield from _chunks(pool, batch_size)

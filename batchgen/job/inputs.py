@@ -122,6 +122,9 @@ def parse_line(
         return LineError(number, line_id, form, error.field, str(error))
     except ValidationError as error:
         field, message = _problems(error, records.NativeLine if form == "native" else None)
+        source = defaults.shape.prompt_field if defaults.shape else None
+        if source is not None and field == "prompt":  # the row's own name for it
+            field, message = source, message.replace("field 'prompt'", f"field '{source}'")
         return LineError(number, line_id, form, field, message)
     except Exception as error:  # noqa: BLE001 - one odd line must never end the job
         return LineError(number, line_id, form, None, f"cannot be read: {error}")

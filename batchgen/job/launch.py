@@ -32,6 +32,11 @@ def options_from(settings: dict[str, Any], env: Mapping[str, str], terminal: boo
         shard = shards.parse_shard(settings["shard"], env, settings["num_shards"])
     metrics = Path(settings["metrics_path"]) if settings["metrics_path"] else None
     errors = Path(settings["errors_path"]) if settings["errors_path"] else None
+    if shard is not None and "{shard" in str(settings["output_path"]):
+        # Shards writing OUTPUT by the template would all claim one file beside it.
+        for path, name in ((metrics, "--metrics"), (errors, "--errors")):
+            if path is not None and "{shard" not in str(path):
+                raise ValueError(f"{name} {path} needs {{shard}} too, as OUTPUT has it")
     groups = grouped(settings)
     run = RunSettings(**groups["run"])
     return JobOptions(
@@ -112,10 +117,9 @@ def check_file_job(options: JobOptions) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             output, _, errors = _claims(options, stack)
         locate_model(options.model)
-        from batchgen.job.runner import done_by
         from batchgen.job.survey import survey
 
-        done = done_by(output, errors)
+        done = output.done.joined(errors.done) if errors else output.done
         found = survey(_lines(options, source), options.defaults(), done, options.shard)
     return {**options.resolved(), "lines": found.record()}
 
@@ -177,8 +181,8 @@ def _progress(
     total = None  # the total costs a pass over INPUT: only with progress, only for a file
     if run.progress != "none" and options.input is not None and options.shard is None:
         fmt = sources.input_format(options.input, run.input_format)
-        done = len(output.done) + (len(errors.done) if errors else 0)
-        total = sources.count_lines(options.input, fmt) - done
+        done = output.done.joined(errors.done) if errors else output.done
+        total = sources.count_lines(options.input, fmt) - len(done)
     if run.progress == "log":
         from batchgen.job.progress import LogProgress
 

@@ -40,6 +40,10 @@ class Done:
     def __len__(self) -> int:
         return len(self.ids) + len(self.error_lines)
 
+    def joined(self, other: Done) -> Done:
+        """What this file and another (OUTPUT and its error file) account for together."""
+        return Done(self.ids | other.ids, self.error_lines | other.error_lines)
+
     def covers(self, number: int, line_id: JsonId | None) -> bool:
         return number in self.error_lines or (line_id is not None and line_id in self.ids)
 

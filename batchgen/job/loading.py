@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,10 @@ def load_engine(model: str, config: EngineConfig) -> Engine:
     failed: list[BaseException] = []
 
     def load() -> None:
+        # The threads MAX starts from here inherit this mask: a Ctrl-C sent to the process
+        # then reaches the main thread, never one that cannot act on it (a read of stdin in
+        # the main thread would wait on forever).
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
             loaded.append(Engine.from_pretrained(model, config))
         except BaseException as error:  # noqa: BLE001 - handed to the waiting thread

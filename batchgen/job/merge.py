@@ -44,6 +44,7 @@ class PartIndex:
     errors: dict[int, Entry] = field(default_factory=dict)  # by input line number
     duplicates: list[str] = field(default_factory=list)
     unused: list[Entry] = field(default_factory=list)  # kept but matched by no input line
+    with_results: set[int] = field(default_factory=set)  # parts holding a result (not --errors)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,11 @@ def merge(
     if order == "parts":
         chosen.sort(key=lambda entry: (entry.part, entry.offset))
     _write(parts, chosen, merged)
-    unmarked = [p for p in parts if not shards.marker_path(p).exists()]
+    # An error file (--errors) has no marker of its own: its OUTPUT's marker stands for it.
+    unmarked = [
+        p for i, p in enumerate(parts)
+        if i in index.with_results and not shards.marker_path(p).exists()
+    ]  # fmt: skip
     return MergeReport(len(chosen), index.duplicates, unmarked)
 
 
@@ -94,6 +99,8 @@ def _index_part(part: Path, number: int, index: PartIndex) -> None:
                 raise MergeError(f"{part}: not a batchgen output line at byte {offset}")
             entry = Entry(number, offset, len(raw))
             kind, value = key
+            if kind == "id":
+                index.with_results.add(number)
             table = index.results if kind == "id" else index.errors if kind == "line" else None
             if table is None:
                 index.unused.append(entry)

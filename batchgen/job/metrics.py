@@ -120,13 +120,15 @@ def _percentiles(values: array) -> dict[str, float]:
     return {"p50": round(p50, 1), "p90": round(p90, 1), "p99": round(p99, 1)}
 
 
-def summary_text(summary: dict[str, Any], output_name: str) -> str:
-    """The run summary for a person (stderr)."""
+def summary_text(summary: dict[str, Any], output_name: str, errors_name: str | None = None) -> str:
+    """The run summary for a person (stderr); `errors_name`: the error file, if any."""
+    held_in = f"{output_name} or {errors_name}" if errors_name else output_name
+    errors_name = errors_name or output_name
     latency, first = summary["latency_ms"], summary["first_token_ms"]
     head = f"batchgen run: {summary['requests_ok']} ok, {summary['requests_failed']} failed"
     if summary["requests_skipped"]:
         head += (
-            f", {summary['requests_skipped']} skipped as already in {output_name} "
+            f", {summary['requests_skipped']} skipped as already in {held_in} "
             f"({summary['requests_failed_earlier']} of them errors)"
         )
     where = (
@@ -148,7 +150,7 @@ def summary_text(summary: dict[str, Any], output_name: str) -> str:
         else "  no requests ran: no latency figures",
     ]
     if summary["requests_failed"] or summary["requests_failed_earlier"]:
-        lines.append(f"  failed lines have error lines in {output_name}: exit code 3")
+        lines.append(f"  failed lines have error lines in {errors_name}: exit code 3")
     if summary["interrupted"]:
         lines.append(f"  interrupted by {summary['interrupted']}: rerun with --resume to finish")
     return "\n".join(lines)

@@ -158,8 +158,9 @@ def drive(
                 signals.check()
             except Interrupted as error:
                 interrupted = str(error)
-            setup_s, setup = backend.setup(interrupted)
-            return sink.close(setup_s, setup)
+            with signals.shielded():  # a second signal must not cut what is still to write
+                setup_s, setup = backend.setup(interrupted)
+                return sink.close(setup_s, setup)
 
 
 def _through_first_runnable(jobs: Iterator[Admitted]) -> Iterator[Admitted]:
@@ -172,11 +173,7 @@ def _through_first_runnable(jobs: Iterator[Admitted]) -> Iterator[Admitted]:
 
 def done_by(output: Claim, errors: Claim | None) -> Done:
     """What OUTPUT and the error file already account for, together."""
-    if errors is None:
-        return output.done
-    return Done(
-        output.done.ids | errors.done.ids, output.done.error_lines | errors.done.error_lines
-    )
+    return output.done if errors is None else output.done.joined(errors.done)
 
 
 class LocalBackend:
@@ -288,8 +285,12 @@ def _ordered(
 
     Continuous batching takes the longest (max_tokens) first, so a job does not end on a
     tail of a few long rows decoding alone; static batches are cut from requests sorted by
-    length, so a batch's rows end at about the same time.
+    length, so a batch's rows end at about the same time. With --order input they start in
+    input order: the line results wait for is then always one the engine already runs.
     """
+    if config.order == "input":
+        yield from items
+        return
     static = config.scheduler.policy == "static"
     for work in pack(items, config.scheduler.max_rows, config.window, longest_first=not static):
         if isinstance(work, LineError):

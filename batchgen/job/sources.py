@@ -53,6 +53,14 @@ class RowShape:
                 f"--prompt-template {self.prompt_template!r} names no field: write the "
                 "fields as {name}, e.g. '{instruction}'"
             )
+        for _, name, _, conversion in string.Formatter().parse(self.prompt_template):
+            if name is not None and (name == "" or name.isdigit()):
+                raise ValueError(
+                    f"--prompt-template {self.prompt_template!r}: fields are named, not "
+                    "positional ({} or {0})"
+                )
+            if conversion not in (None, "s", "r", "a"):
+                raise ValueError(f"--prompt-template {self.prompt_template!r}: !{conversion}?")
 
     def line(self, row: dict[str, Any]) -> dict[str, Any]:
         """The native line a row stands for; FieldError naming a field the row lacks."""
