@@ -241,13 +241,10 @@ def run_requests(
     engine is running, no request is started.
     """
     pending: dict[int, JobRequest] = {}
-    parts: dict[int, list[list[Completion] | None]] = {}  # by input line, per prompt
-    started: dict[int, int] = {}  # prompts of each unfinished line the engine has
+    # By input line, per prompt: every line the engine has started and not finished.
+    parts: dict[int, list[list[Completion] | None]] = {}
     arrivals = itertools.count()
     flat = (one for item in items for one in ([item] if isinstance(item, LineError) else item))
-
-    def running(line: int | None) -> bool:
-        return line in started and started[line] == len(parts[line])
 
     def requests() -> Iterator[Request | None]:
         for item in _ordered(flat, config):
@@ -255,13 +252,11 @@ def run_requests(
                 on_error(item)
                 continue
             pending[next(arrivals)] = item
-            line = item.job.line
-            parts.setdefault(line, [None] * max(len(item.job.prompts), 1))
-            started[line] = started.get(line, 0) + 1
+            parts.setdefault(item.job.line, [None] * max(len(item.job.prompts), 1))
             yield item.request
-            # Nothing to start this step (the engine's None): the line held lines wait for
-            # runs, and will finish, so the engine is never left idle by it.
-            while running(hold()):
+            # Nothing to start this step (the engine's None) while the line held lines wait
+            # for runs: it will finish, so the engine is never left idle by it.
+            while hold() in parts:
                 yield None
 
     stream = engine.stream(requests(), lambda _step: check(), config.scheduler)
@@ -273,7 +268,7 @@ def run_requests(
             line = parts[item.job.line]
             line[item.part] = finished.completions
             if all(choices is not None for choices in line):
-                del parts[item.job.line], started[item.job.line]
+                del parts[item.job.line]
                 results.append(Result(item.job, line, record))  # type: ignore[arg-type]
         yield results, window.stats
 
@@ -335,16 +330,16 @@ class JobSink:
         """Lines finished together, whole; an engine window's also a metrics line."""
         window = batch.window
         rows = list(zip(batch.numbers, batch.lines, batch.ok, strict=True))
-        failed = [line for _, line, ok in rows if not ok]
-        kept = [(n, line) for n, line, ok in rows if ok or self.errors is None]
+        # OUTPUT's share, by input line: None for an error line that goes to the error file.
+        to_errors = self.errors is not None
+        share = [(n, None if to_errors and not ok else line) for n, line, ok in rows]
         with self.signals.shielded():
             if self.errors is not None:
-                self.errors.write(failed)
-            if self.order is None:
-                self.writer.write([line for _, line in kept])
+                self.errors.write([line for _, line, ok in rows if not ok])
+            if self.order is not None:
+                self.writer.write(self.order.ready(share))
             else:
-                moved = [(n, None) for n, _, ok in rows if not ok and self.errors is not None]
-                self.writer.write(self.order.ready([*kept, *moved]))
+                self.writer.write([line for _, line in share if line is not None])
             if self.metrics and window is not None:
                 worker = {"worker": batch.worker} if batch.worker else {}
                 record = window_record(window, len(rows))
