@@ -84,6 +84,13 @@ def engine(request: pytest.FixtureRequest, tiny_dir: Path) -> Engine:
     return Engine.from_pretrained(tiny_dir, cpu_config(request.param))
 
 
+@pytest.fixture(scope="session", params=KV_CACHES)
+def small_cache_engine(request: pytest.FixtureRequest, tiny_dir: Path) -> Engine:
+    """A cache of 2 slots, or of 19 pages (three rows of 600 tokens)."""
+    config = cpu_config(request.param, kv_cache_gb=0.0025, max_rows=8, step_tokens=256)
+    return Engine.from_pretrained(tiny_dir, config)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if accelerator_count() == 0:
         skip = pytest.mark.skip(reason="needs a GPU, and MAX sees none on this machine")

@@ -24,8 +24,9 @@ def slot_attention_f16():
     return standalone_slot_attention(H, "float16")
 
 
-def reference(q, k, v, k_cache, v_cache, offsets, slots, starts):
-    """Write each row's new K/V into a copy of the caches, then attend causally in float64."""
+def reference(q, k, v, k_cache, v_cache, offsets, slots, starts, prefix_slots, prefix_lens):
+    """Write each row's new K/V into a copy of the caches, then attend causally in float64
+    over its prefix's keys from the prefix's slot and the rest from its own."""
     k_cache, v_cache = k_cache.copy(), v_cache.copy()
     out = np.zeros_like(q)
     for b, (slot, start) in enumerate(zip(slots, starts, strict=True)):
@@ -33,8 +34,10 @@ def reference(q, k, v, k_cache, v_cache, offsets, slots, starts):
         n = offsets[b + 1] - offsets[b]
         k_cache[slot, :, start : start + n] = k[rows].transpose(1, 0, 2)
         v_cache[slot, :, start : start + n] = v[rows].transpose(1, 0, 2)
-        keys = k_cache[slot, :, : start + n].astype(np.float64)  # [H, L, D]
-        values = v_cache[slot, :, : start + n].astype(np.float64)
+        shared, cut = prefix_slots[b], prefix_lens[b]
+        keys = np.concatenate([k_cache[shared, :, :cut], k_cache[slot, :, cut : start + n]], 1)
+        values = np.concatenate([v_cache[shared, :, :cut], v_cache[slot, :, cut : start + n]], 1)
+        keys, values = keys.astype(np.float64), values.astype(np.float64)  # [H, L, D]
         scale = 1 / np.sqrt(q.shape[-1])
         scores = np.einsum("nhd,hld->nhl", q[rows].astype(np.float64), keys) * scale
         causal = np.arange(start + n)[None, :] <= (start + np.arange(n))[:, None]  # [n, L]
@@ -48,25 +51,28 @@ def reference(q, k, v, k_cache, v_cache, offsets, slots, starts):
 def run(
     slot_attention,
     rng,
-    rows: list[tuple[int, int, int]],
+    rows: list[tuple[int, ...]],
     head_dim: int = 64,
     cache_dtype: type = np.float32,
 ):
-    """rows: (slot, tokens cached before, new tokens) per row; returns the op's and NumPy's
-    outputs and caches."""
+    """rows: (slot, tokens cached before, new tokens[, prefix slot, prefix length]) per row;
+    returns the op's and NumPy's outputs and caches."""
     D = head_dim
-    offsets = np.concatenate([[0], np.cumsum([n for _, _, n in rows])]).astype(np.uint32)
+    offsets = np.concatenate([[0], np.cumsum([r[2] for r in rows])]).astype(np.uint32)
     total = int(offsets[-1])
     q, k, v = (rng.standard_normal((total, H, D), dtype=np.float32) for _ in range(3))
     k_cache = rng.standard_normal((SLOTS, H, MAXLEN, D), dtype=np.float32).astype(cache_dtype)
     v_cache = rng.standard_normal((SLOTS, H, MAXLEN, D), dtype=np.float32).astype(cache_dtype)
-    slots = np.array([s for s, _, _ in rows], np.int64)
-    starts = np.array([c for _, c, _ in rows], np.int64)
-    expected = reference(q, k, v, k_cache, v_cache, offsets, slots, starts)
+    slots = np.array([r[0] for r in rows], np.int64)
+    starts = np.array([r[1] for r in rows], np.int64)
+    prefix_slots = np.array([r[3] if len(r) > 3 else r[0] for r in rows], np.int64)
+    prefix_lens = np.array([r[4] if len(r) > 3 else 0 for r in rows], np.int64)
+    per_row = (offsets, slots, starts, prefix_slots, prefix_lens)
+    expected = reference(q, k, v, k_cache, v_cache, *per_row)
     k_buffer, v_buffer = Buffer.from_numpy(k_cache.copy()), Buffer.from_numpy(v_cache.copy())
     out = slot_attention(
         *(Buffer.from_numpy(a) for a in (q, k, v)), k_buffer, v_buffer,
-        *(Buffer.from_numpy(a) for a in (offsets, slots, starts)),
+        *(Buffer.from_numpy(a) for a in per_row),
     )  # fmt: skip
     got = (out.to(CPU()).to_numpy(), k_buffer.to_numpy(), v_buffer.to_numpy())
     return got, expected
@@ -82,6 +88,16 @@ def test_decode_rows_of_lengths_1_to_1024_in_out_of_order_slots(slot_attention):
     rng = np.random.default_rng(0)
     # (slot, cached, new): slots out of order, a row at an empty slot, one at maxlen.
     rows = [(4, 0, 1), (1, 1023, 1), (5, 7, 1), (0, 300, 1), (2, MAXLEN - 1, 1), (3, 64, 1)]
+    assert_matches(*run(slot_attention, rng, rows))
+
+
+def test_rows_read_a_shared_prefix_from_another_slot(slot_attention):
+    rng = np.random.default_rng(5)
+    # (slot, cached, new, prefix slot, prefix length): decode rows and chunks of every size
+    # around the query block, sharing all, part or none of what they have cached, several of
+    # them the same prefix slot (which keeps its own row: slot 0 runs too).
+    rows = [(1, 400, 1, 0, 400), (2, 400, 37, 0, 400), (3, 410, 3, 0, 400), (4, 300, 4, 0, 17),
+            (5, 64, 5, 0, 0), (0, 500, 2, 0, 0)]  # fmt: skip
     assert_matches(*run(slot_attention, rng, rows))
 
 

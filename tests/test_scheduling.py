@@ -7,9 +7,9 @@ import random
 
 import numpy as np
 import pytest
-from conftest import KV_CACHES, cpu_config, hf_greedy
+from conftest import hf_greedy
 
-from batchgen.engine import Engine, Request, SamplingParams, SchedulerConfig
+from batchgen.engine import Request, SamplingParams, SchedulerConfig
 from batchgen.engine.scheduler import Row, Scheduler
 
 
@@ -17,6 +17,7 @@ class RowsCache:
     """A cache with room for `rows` rows of up to `tokens` positions (what the scheduler sees)."""
 
     kind = "test"
+    block_size = 4096  # no prompt here has a full block: it keeps no prefix
 
     def __init__(self, rows: int, tokens: int = 1024):
         self.rows, self.tokens = rows, tokens
@@ -26,11 +27,17 @@ class RowsCache:
     def fits(self, tokens: int, rows: int = 1) -> bool:
         return tokens <= self.tokens and rows <= self.rows
 
-    def admit(self, row: tuple[int, int], tokens: int) -> bool:
+    def holds(self, blocks) -> int:
+        return 0  # it keeps no prefix
+
+    def admit(self, row: tuple[int, int], tokens: int, blocks=()) -> bool:
         if len(self.held) == self.rows or tokens > self.tokens:
             return False
         self.held.add(row)
         return True
+
+    def commit(self, row: tuple[int, int], blocks) -> None:
+        pass
 
     def release(self, row: tuple[int, int]) -> None:
         self.held.remove(row)
@@ -179,13 +186,6 @@ def test_rows_joining_mid_flight_equal_hf_per_row(engine, mixed, schedule):
         assert max(w.mean_rows for w in out.windows) <= 3
         # Rows left and others took their place while long ones went on.
         assert len(out.windows) >= 5
-
-
-@pytest.fixture(scope="module", params=KV_CACHES)
-def small_cache_engine(request, tiny_dir):
-    """A cache of 2 slots, or of 19 pages (three rows of 600 tokens)."""
-    config = cpu_config(request.param, kv_cache_gb=0.0025, max_rows=8, step_tokens=256)
-    return Engine.from_pretrained(tiny_dir, config)
 
 
 def test_more_work_than_the_cache_holds_queues_rather_than_fails(small_cache_engine, hf_tiny):

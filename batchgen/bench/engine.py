@@ -12,6 +12,9 @@ Workloads (`batchgen bench --workloads ...`), all greedy, on the CPU:
   forward pass over the same batch (log-softmax, the prompt's tokens gathered).
 - choices: 8 prompts of ~128 tokens with `n: 4` (one prefill each, the cache forked), next to
   the same as 32 separate requests; sampled, 32 new tokens each.
+- prefix: 64 prompts sharing a 400-token preamble, tails of 20-60 tokens, 32 new each,
+  through `batchgen run` with `--prefix-cache on` and `off`, next to the careful HF loop; and
+  50 continuations of one 400-token document scored (echo, max_tokens 0), on and off.
 Jobs run as real `batchgen run` processes, timed end to end; each prints its peak memory.
 """
 
@@ -36,7 +39,7 @@ from batchgen.bench.workloads import hf_careful_loop, hf_generate, run_job_proce
 from batchgen.engine import Engine, EngineConfig, Request, SamplingParams, SchedulerConfig
 from batchgen.engine.scheduler import Row, StepPlan
 
-WORKLOADS = ("uniform", "step", "mixed", "long", "scoring", "choices")
+WORKLOADS = ("uniform", "step", "mixed", "long", "scoring", "choices", "prefix")
 # What the fp32 matmuls of this machine class sustain (measured: 360-420 GFLOP/s).
 MATMUL_FLOPS = 360e9
 
@@ -59,6 +62,9 @@ class BenchConfig:
     scoring_tokens: int = 128
     choice_prompts: int = 8
     choices: int = 4
+    prefix_lines: int = 64
+    preamble_tokens: int = 400
+    continuations: int = 50
     seed: int = 0
 
 
@@ -115,7 +121,7 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
         f"weights {engine.weights_bytes / 2**20:.0f} MiB, KV cache "
         f"{engine.cache.nbytes / 2**20:.0f} MiB, RSS now {workloads.peak_rss_mb():.0f} MiB"
     )
-    wants_hf = {"uniform", "mixed", "scoring"} & set(config.workloads)
+    wants_hf = {"uniform", "mixed", "scoring", "prefix"} & set(config.workloads)
     hf = workloads.hf_model(model_dir, config.device) if wants_hf else None
     with tempfile.TemporaryDirectory() as scratch:
         for name in config.workloads:
@@ -136,6 +142,8 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
                 scoring(engine, hf, config, print_fn)
             elif name == "choices":
                 choices(engine, config, print_fn)
+            elif name == "prefix":
+                shared_prefixes(model_dir, hf, config, Path(scratch), print_fn)
     print_fn(f"\npeak RSS of this process: {workloads.peak_rss_mb():.0f} MiB")
 
 
@@ -230,6 +238,7 @@ def _attention_ms(engine: Engine, batch: int, context: int) -> float:
     cache = [rng.standard_normal(shape, np.float32).astype(cache_dtype) for _ in range(2)]
     new = [rng.standard_normal((batch, c.n_head, c.head_dim), np.float32)] * 3
     rows = [np.arange(batch + 1, dtype=np.uint32), np.arange(batch), np.full(batch, context)]
+    rows += [np.arange(batch), np.zeros(batch, np.int64)]  # no shared prefix
     args = [Buffer.from_numpy(a) for a in (*new, *cache)]
     args += [Buffer.from_numpy(np.ascontiguousarray(a)) for a in rows]
     attend(*args)
@@ -255,16 +264,21 @@ def mixed(model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn) -> 
             f"{label:<34} {job_run.wall_s:>8.1f} {job_run.tokens_per_s:>8.1f} "
             f"{job_run.peak_rss_mb:>6.0f} MiB"
         )
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    start = time.perf_counter()
-    tokens = hf_careful_loop(hf, tokenizer, lines)
-    hf_s = time.perf_counter() - start
+    tokens, hf_s = timed_hf_loop(hf, model_dir, lines)
     ours = runs["batchgen run (defaults)"]
     print_fn(f"{'HF careful loop (sorted, batch 32)':<34} {hf_s:>8.1f} {tokens / hf_s:>8.1f}")
     print_fn(
         f"batchgen defaults: {hf_s / ours.wall_s:.2f}x the HF loop, "
         f"{runs['batchgen run --schedule static'].wall_s / ours.wall_s:.2f}x --schedule static"
     )
+
+
+def timed_hf_loop(hf, model_dir: Path, lines: list[dict]) -> tuple[int, float]:
+    """The careful HF loop over a job: the tokens it kept, and its seconds."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    start = time.perf_counter()
+    tokens = hf_careful_loop(hf, tokenizer, lines)
+    return tokens, time.perf_counter() - start
 
 
 def long_prompts(model_dir: Path, config: BenchConfig, scratch: Path, print_fn) -> None:
@@ -316,6 +330,50 @@ def choices(engine: Engine, config: BenchConfig, print_fn: Callable[[str], None]
         f"sampled tokens each, median of {config.repeats}: n={n} {figures['n']:.0f} tok/s, "
         f"{n * len(prompts)} separate requests {figures['apart']:.0f} tok/s "
         f"({figures['n'] / figures['apart']:.2f}x)"
+    )
+
+
+def shared_prefixes(model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn) -> None:
+    """A shared preamble and a shared scored document, with the prefix cache on and off:
+    tokens/s over each run's generation time (its summary's run_s: start-up and compile
+    apart, as the HF loop's figure has none)."""
+    lines = workloads.shared_prefix_job(config.prefix_lines, config.preamble_tokens)
+    job = workloads.write_job(scratch / "prefix.jsonl", lines)
+    print_fn(
+        f"prefix: {len(lines)} prompts sharing a {config.preamble_tokens}-token preamble, "
+        "tails of 20-60 tokens, 32 new tokens each, greedy"
+    )
+    print_fn(f"{'runner':<34} {'run s':>7} {'tok/s':>8} {'reused':>7} {'wall s':>7}")
+    runs = {
+        label: run_job_process(job, model_dir, scratch, config.device, ["--prefix-cache", flag])
+        for label, flag in (("--prefix-cache off", "off"), ("--prefix-cache on", "on"))
+    }
+    for label, job_run in runs.items():
+        summary = job_run.summary
+        print_fn(
+            f"{'batchgen run ' + label:<34} {summary['run_s']:>7.1f} "
+            f"{summary['generated_tokens_per_s']:>8.1f} {summary['prefix_hit_rate']:>6.0%} "
+            f"{job_run.wall_s:>7.1f}"
+        )
+    tokens, hf_s = timed_hf_loop(hf, model_dir, lines)
+    print_fn(f"{'HF careful loop (sorted, batch 32)':<34} {hf_s:>7.1f} {tokens / hf_s:>8.1f}")
+    on, off = (runs[f"--prefix-cache {flag}"].summary for flag in ("on", "off"))
+    print_fn(
+        f"prefix cache on: {off['run_s'] / on['run_s']:.2f}x off, "
+        f"{hf_s / on['run_s']:.2f}x the HF loop"
+    )
+    lines = workloads.shared_document_job(config.continuations, config.preamble_tokens)
+    job = workloads.write_job(scratch / "document.jsonl", lines)
+    scored = sum(len(line["prompt"]) - 1 for line in lines)
+    figures = {}
+    for flag in ("off", "on"):
+        summary = run_job_process(job, model_dir, scratch, config.device,
+                                  ["--prefix-cache", flag]).summary  # fmt: skip
+        figures[flag] = scored / summary["run_s"]
+    print_fn(
+        f"prefix scoring: one {config.preamble_tokens}-token document, {len(lines)} "
+        f"continuations of 5-20 tokens (echo, max_tokens 0): {figures['on']:.0f} scored tok/s "
+        f"on, {figures['off']:.0f} off ({figures['on'] / figures['off']:.2f}x)"
     )
 
 

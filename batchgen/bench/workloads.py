@@ -123,6 +123,43 @@ def long_job(lines: int = 32, tokens: int = 500, max_tokens: int = 64, seed: int
     ]
 
 
+def shared_prefix_job(
+    lines: int = 64, preamble: int = 400, max_tokens: int = 32, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Prompts that all begin with one `preamble`-token block (a few-shot preamble, a system
+    prompt), each with its own tail of 20-60 tokens; greedy, `max_tokens` new each."""
+    rng = random.Random(seed)
+    start = [rng.randrange(50000) for _ in range(preamble)]
+    return [
+        {
+            "id": i,
+            "prompt": start + [rng.randrange(50000) for _ in range(rng.randint(20, 60))],
+            "max_tokens": max_tokens,
+            "ignore_eos": True,
+        }
+        for i in range(lines)
+    ]
+
+
+def shared_document_job(
+    continuations: int = 50, document: int = 400, seed: int = 0
+) -> list[dict[str, Any]]:
+    """One `document`-token text scored with each of its continuations of 5-20 tokens (echo,
+    max_tokens 0): multiple-choice evaluation, as lm-eval's loglikelihood requests."""
+    rng = random.Random(seed)
+    start = [rng.randrange(50000) for _ in range(document)]
+    return [
+        {
+            "id": i,
+            "prompt": start + [rng.randrange(50000) for _ in range(rng.randint(5, 20))],
+            "max_tokens": 0,
+            "echo": True,
+            "logprobs": 0,
+        }
+        for i in range(continuations)
+    ]
+
+
 def uniform_prompts(batch: int, mean_len: int = 32, seed: int = 0) -> list[list[int]]:
     """Random token prompts of mean_len +-12%."""
     rng = random.Random(seed + batch)

@@ -9,7 +9,8 @@ import click
 
 from batchgen.cli.options import parse_batch_sizes
 
-BENCH_WORKLOADS = ("uniform", "step", "mixed", "long", "scoring", "choices")  # as bench runs them
+# As bench runs them.
+BENCH_WORKLOADS = ("uniform", "step", "mixed", "long", "scoring", "choices", "prefix")
 
 
 @click.command()
@@ -36,7 +37,8 @@ BENCH_WORKLOADS = ("uniform", "step", "mixed", "long", "scoring", "choices")  # 
     help="Which to run, comma-separated: uniform (batches vs HF generate), step (decode "
     "step and its profile), mixed (a mixed job vs --schedule static and an HF loop), long "
     "(long prompts), scoring (echo scoring vs an HF forward pass), choices (n=4 vs four "
-    "requests).",
+    "requests), prefix (a shared preamble and a shared scored document, prefix cache on vs "
+    "off).",
 )
 @click.option(
     "--batch-sizes", default="1,8,32,64", show_default=True, help="Uniform batches."

@@ -23,6 +23,10 @@ def finite(ctx: click.Context, param: click.Parameter, value: float | None) -> f
     return value
 
 
+def on_off(ctx: click.Context, param: click.Parameter, value: str | None) -> bool | None:
+    return None if value is None else value == "on"
+
+
 def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
     """The options every model-running command shares: which model, where, in what dtype."""
     options = [

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from batchgen.cli.options import JSONL_FILE, SEED, engine_options, sampling_options
+from batchgen.cli.options import JSONL_FILE, SEED, engine_options, on_off, sampling_options
 from batchgen.job.backends import BACKENDS
 
 # Exit codes beyond Click's own (1: a ClickException, 2: a usage error); see the README.
@@ -44,6 +44,13 @@ EXIT_LINES_FAILED = 3
     type=click.IntRange(min=1),
     help="Prompt tokens prefilled per step beside the decoding rows; longer prompts go in chunks "
     "(default: 2048).",
+)
+@click.option(
+    "--prefix-cache",
+    type=click.Choice(["on", "off"]),
+    callback=on_off,
+    help="on (the default): a prompt's blocks of 16 tokens (128 on the paged cache) that an "
+    "earlier or running prompt began with are taken from the KV cache, not prefilled again.",
 )
 @click.option(
     "--window",

@@ -25,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from batchgen.engine.kernels import SLOT_HEAD_DIMS
 from batchgen.engine.kv_cache import KVCache, PagedCache, SlotCache
 from batchgen.engine.model import GPT2Config, to_device
+from batchgen.engine.prefix_cache import ScoredBlocks
 from batchgen.engine.runners import Emitted, PagedRunner, Runner, SlotRunner
 from batchgen.engine.sampling import (
     LogprobScorer,
@@ -70,6 +71,8 @@ class Timing:
     prefill_ms: float  # admitted -> first token
     decode_ms: float  # first token -> last token
     tokens: int  # tokens generated
+    # Prompt tokens taken from the prefix cache (or the first choice's), not prefilled.
+    cached_tokens: int = 0
 
     @property
     def first_token_ms(self) -> float:
@@ -117,6 +120,7 @@ class WindowStats:
     prompt_tokens: int  # prefilled in this window
     generated_tokens: int
     seconds: float
+    reused_tokens: int = 0  # prompt tokens taken from the prefix cache or a fork, not prefilled
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,8 @@ class Engine:
         self.timings.compile_s = time.perf_counter() - start
         self._sampler: Sampler | None = None
         self._scorer: LogprobScorer | None = None
+        # Scored prompt blocks outlive a stream, as the cache's prefixes do.
+        self._scored = ScoredBlocks()
 
     @classmethod
     def from_pretrained(
@@ -362,7 +368,7 @@ class Engine:
         config = schedule or self.schedule
         if not self.cache.idle:
             raise RuntimeError("the engine is already running a stream")
-        scheduler = Scheduler(config, self.cache)
+        scheduler = Scheduler(config, self.cache, self._scored)
         source = iter(requests)
         arrivals = windows = 0
         clock = _WindowClock()
@@ -439,14 +445,11 @@ class Engine:
         on_step: OnStep | None,
     ) -> list[Finished]:
         plan = scheduler.schedule(time.perf_counter())
-        clock.step(plan.rows, plan.prompt_tokens, self.cache.occupancy)
+        clock.step(plan.rows, plan.prompt_tokens, plan.reused, self.cache.occupancy)
         emitted = self.runner.run(plan)
-        for row in plan.decode:
-            row.computed += 1
-        for row, n in plan.prefill:
-            row.computed += n
         chosen = self._choose(emitted)
         self._score(emitted, chosen)
+        scheduler.ran(plan)
         now = time.perf_counter()
         finished = []
         appended = []
@@ -454,7 +457,8 @@ class Engine:
             if row.first_token is None:
                 row.first_token = now
                 if row.followers:
-                    scheduler.fork(row)  # before the row can finish and free its cache
+                    # Before the row can finish and free its cache.
+                    clock.reused += scheduler.fork(row)
             if row.params.max_tokens == 0:
                 row.finish_reason = "length"  # a scoring request: the prompt was all
             else:
@@ -552,6 +556,7 @@ class Engine:
             prefill_ms=1e3 * (row.first_token - row.admitted),
             decode_ms=1e3 * (row.finished - row.first_token),
             tokens=len(row.generated),
+            cached_tokens=row.reused,
         )
         if row.stream is None:
             text = decode(self.vocab_bytes, row.generated)
@@ -595,14 +600,15 @@ class _WindowClock:
 
     def _reset(self, now: float) -> None:
         self.start = now
-        self.steps = self.rows = self.prompt_tokens = self.generated = 0
+        self.steps = self.rows = self.prompt_tokens = self.reused = self.generated = 0
         self.occupancy = 0.0
 
-    def step(self, rows: int, prompt_tokens: int, occupancy: float) -> None:
+    def step(self, rows: int, prompt_tokens: int, reused: int, occupancy: float) -> None:
         self.steps += 1
         self.steps_total += 1
         self.rows += rows
         self.prompt_tokens += prompt_tokens
+        self.reused += reused
         self.occupancy += occupancy
 
     def window(self, index: int, finished: list[Finished]) -> Window:
@@ -615,6 +621,7 @@ class _WindowClock:
             prompt_tokens=self.prompt_tokens,
             generated_tokens=self.generated,
             seconds=now - self.start,
+            reused_tokens=self.reused,
         )
         self._reset(now)
         return Window(finished, stats)

@@ -8,12 +8,18 @@ backend per platform):
   the null page unused lookup entries point at); a row holds the pages its prompt and
   `max_tokens` need, reserved when it is admitted. MAX's ragged kernels read it.
 
-Both are sized from a memory budget and allocated once, on the device.
+Both are sized from a memory budget and allocated once, on the device, and both keep the
+prefixes rows computed (`prefix_cache.py` names them by block): the paged cache shares a
+prefix's pages between rows, counting who holds each; the slot cache gives a new row the free
+slot that holds its prefix, or lets it read the prefix from the slot that holds it (the Mojo
+op reads a row's first positions from a second slot), which stays unreused while it has
+readers. Freed room keeps its prefix until it is needed, least recently used first.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from typing import Protocol
 
@@ -26,28 +32,43 @@ from max.nn.kv_cache import KVCacheInputsPerDevice, MHAKVCacheParams
 from max.nn.kv_cache.utils import padded_lut_cols
 
 from batchgen.engine.model import GPT2Config, to_device
+from batchgen.engine.prefix_cache import BlockHash
 
 PAGE_SIZE = 128
+# A slot can start reading its own positions anywhere: small blocks leave little unshared.
+SLOT_BLOCK = 16
 
 
 class KVCache(Protocol):
     """Room for rows' keys and values: what the scheduler admits against."""
 
     kind: str  # "slots" or "paged"
+    block_size: int  # tokens per block of a reusable prefix
 
     def fits(self, tokens: int, rows: int = 1) -> bool:
         """Whether `rows` rows of this many tokens fit an empty cache at all."""
         ...
 
-    def admit(self, row: Hashable, tokens: int) -> bool:
-        """Reserve room for row `row`'s `tokens` positions; False (nothing reserved) if full."""
+    def holds(self, blocks: Sequence[BlockHash]) -> int:
+        """How many of these leading blocks (a prompt's) the cache holds keys and values of."""
         ...
 
-    def release(self, row: Hashable) -> None: ...
+    def admit(self, row: Hashable, tokens: int, blocks: Sequence[BlockHash] = ()) -> bool:
+        """Reserve room for row `row`'s `tokens` positions, its first len(blocks) blocks
+        (held: see `holds`) taken from the cache; False (nothing reserved) if full."""
+        ...
+
+    def commit(self, row: Hashable, blocks: Sequence[BlockHash]) -> None:
+        """The row's first len(blocks) blocks are computed: later rows may take them."""
+        ...
+
+    def release(self, row: Hashable) -> None:
+        """The row is done; its room goes back, keeping its committed blocks while it can."""
+        ...
 
     def fork(self, source: Hashable, target: Hashable, tokens: int) -> bool:
-        """Copy the first `tokens` positions of one row's keys and values to another's;
-        False where this cache cannot (the target then prefills them itself)."""
+        """Give another row the first `tokens` positions of one row's keys and values
+        (copied or shared); False where this cache cannot (the target then prefills them)."""
         ...
 
     @property
@@ -57,7 +78,7 @@ class KVCache(Protocol):
 
     @property
     def idle(self) -> bool:
-        """No row holds any of it."""
+        """No row holds any of it (prefixes kept for reuse aside)."""
         ...
 
     @property
@@ -75,6 +96,7 @@ class SlotCache:
     """One slot [H, maxlen, D] per row in every layer's K and V buffer."""
 
     kind = "slots"
+    block_size = SLOT_BLOCK
 
     def __init__(self, config: GPT2Config, dtype: DType, device: Device, slots: int):
         if slots < 1:
@@ -87,9 +109,18 @@ class SlotCache:
         # reads only [0, pos]), so memory is touched only as rows use it. Zeroing would
         # cost seconds at start-up and commit the whole budget at once.
         self.buffers = [Buffer(dtype, shape, device) for _ in range(2 * config.n_layer)]
-        self._free = list(range(slots))  # a heap: the lowest free slot goes first
         self._slot_of: dict[Hashable, int] = {}
-        # Host views of the buffers (the slot cache lives in host memory), for forks.
+        # Free slots: those holding no prefix (a heap, the lowest first, so that few slots
+        # are ever touched), and those that do (least recently released first).
+        self._clean = list(range(slots))
+        self._kept: OrderedDict[int, None] = OrderedDict()
+        self._blocks: list[list[BlockHash]] = [[] for _ in range(slots)]  # each slot's prefix
+        self._holders: dict[BlockHash, set[int]] = {}  # the slots holding each block
+        # Rows reading their first tokens from another slot: (that slot, tokens); and how many
+        # rows read from each slot (a slot that has readers is never given to another row).
+        self._prefix_of: dict[Hashable, tuple[int, int]] = {}
+        self._readers = [0] * slots
+        # Host views of the buffers (the slot cache lives in host memory), for copies.
         self._arrays = [b.to_numpy() for b in self.buffers] if device.is_host else []
 
     @classmethod
@@ -103,25 +134,67 @@ class SlotCache:
     def fits(self, tokens: int, rows: int = 1) -> bool:
         return tokens <= self.maxlen and rows <= self.slots
 
-    def admit(self, row: Hashable, tokens: int) -> bool:
-        if not self._free or tokens > self.maxlen:
+    def holds(self, blocks: Sequence[BlockHash]) -> int:
+        if not self._arrays:
+            return 0  # a slot cache off the host (none is built) copies nothing: no reuse
+        count = 0
+        while count < len(blocks) and self._holders.get(blocks[count]):
+            count += 1
+        return count
+
+    def admit(self, row: Hashable, tokens: int, blocks: Sequence[BlockHash] = ()) -> bool:
+        if tokens > self.maxlen:
             return False
-        self._slot_of[row] = heapq.heappop(self._free)
+        holders = self._holders[blocks[-1]] if blocks else set()
+        kept = [slot for slot in holders if slot in self._kept and not self._readers[slot]]
+        if kept:  # a free slot holds the prefix: the row takes it
+            slot = min(kept, key=lambda s: len(self._blocks[s]))  # the one that loses least
+            del self._kept[slot]
+            self._forget(slot, keep=len(blocks))
+        else:
+            taken = self._take_free()
+            if taken is None:
+                return False
+            slot = taken
+            if blocks:  # read from the slot that holds it, which runs or has readers
+                holder = next(iter(holders))
+                self._share(row, holder, len(blocks) * self.block_size)
+        self._slot_of[row] = slot
         return True
 
+    def commit(self, row: Hashable, blocks: Sequence[BlockHash]) -> None:
+        if row in self._prefix_of:
+            return  # its slot lacks the prefix it reads elsewhere: it can serve no other row
+        slot = self._slot_of[row]
+        self._hold(slot, blocks[len(self._blocks[slot]) :])
+
     def release(self, row: Hashable) -> None:
-        heapq.heappush(self._free, self._slot_of.pop(row))
+        slot = self._slot_of.pop(row)
+        if row in self._prefix_of:
+            holder, _ = self._prefix_of.pop(row)
+            self._readers[holder] -= 1
+        if self._blocks[slot]:
+            self._kept[slot] = None
+        else:
+            heapq.heappush(self._clean, slot)
 
     def fork(self, source: Hashable, target: Hashable, tokens: int) -> bool:
         if not self._arrays:
             return False
-        src, dst = self._slot_of[source], self._slot_of[target]
-        for array in self._arrays:
-            array[dst, :, :tokens] = array[src, :, :tokens]
+        # What the source reads from another slot, the target reads there too; the rest
+        # (the source's own positions) is copied.
+        holder, shared = self.prefix(source)
+        if shared:
+            self._share(target, holder, shared)
+        self._copy(self._slot_of[source], self._slot_of[target], shared, tokens)
         return True
 
     def slot(self, row: Hashable) -> int:
         return self._slot_of[row]
+
+    def prefix(self, row: Hashable) -> tuple[int, int]:
+        """The slot the row reads its first positions from, and how many (0: none)."""
+        return self._prefix_of.get(row, (self._slot_of[row], 0))
 
     @property
     def occupancy(self) -> float:
@@ -129,15 +202,56 @@ class SlotCache:
 
     @property
     def idle(self) -> bool:
-        return not self._slot_of and len(self._free) == self.slots
+        return not self._slot_of
 
     @property
     def nbytes(self) -> int:
         return sum(b.num_elements * b.element_size for b in self.buffers)
 
+    def _take_free(self) -> int | None:
+        """A free slot for a row: one holding no prefix, else the least recently released
+        that no row reads from; None if there is none."""
+        if self._clean:
+            return heapq.heappop(self._clean)
+        for slot in self._kept:
+            if not self._readers[slot]:
+                del self._kept[slot]
+                self._forget(slot, keep=0)
+                return slot
+        return None
+
+    def _share(self, row: Hashable, holder: int, tokens: int) -> None:
+        self._prefix_of[row] = (holder, tokens)
+        self._readers[holder] += 1
+
+    def _copy(self, source: int, target: int, start: int, stop: int) -> None:
+        for array in self._arrays:
+            array[target, :, start:stop] = array[source, :, start:stop]
+
+    def _hold(self, slot: int, blocks: Sequence[BlockHash]) -> None:
+        """The slot now also holds these blocks, after those it holds."""
+        self._blocks[slot].extend(blocks)
+        for block in blocks:
+            self._holders.setdefault(block, set()).add(slot)
+
+    def _forget(self, slot: int, keep: int) -> None:
+        """The slot's blocks past the first `keep` are about to be overwritten."""
+        for block in self._blocks[slot][keep:]:
+            holders = self._holders[block]
+            holders.discard(slot)
+            if not holders:
+                del self._holders[block]
+        del self._blocks[slot][keep:]
+
 
 class PagedCache:
-    """MAX's paged KV cache: a page pool and each row's pages, as its ragged kernels read them."""
+    """MAX's paged KV cache: a page pool and each row's pages, as its ragged kernels read them.
+
+    A page of a computed prefix is named by its block's hash and may be in several rows'
+    lookup tables at once (no row writes to it: all of it lies before what they compute).
+    `_refs` counts the rows holding each page; a named page no row holds is kept until the
+    pool runs out of unnamed ones, least recently released first.
+    """
 
     kind = "paged"
 
@@ -154,7 +268,7 @@ class PagedCache:
                 "the KV cache budget does not hold one full-length row: raise --kv-cache-gb"
             )
         self.device = device
-        self.page_size = page_size
+        self.page_size = self.block_size = page_size
         self.pages = pages
         self.params = MHAKVCacheParams(
             dtype=dtype,
@@ -167,7 +281,11 @@ class PagedCache:
         # Zeroed: the kernels read whole pages, masking positions past a row's length, and a
         # zero weight times garbage could be NaN.
         self.blocks = Buffer.zeros([pages + 1, *self.params.shape_per_block], dtype, device)
-        self._free = list(range(pages))
+        self._free = list(range(pages))  # held by no row, named by no block
+        self._kept: OrderedDict[int, None] = OrderedDict()  # held by no row, named
+        self._refs = [0] * pages
+        self._page_of_block: dict[BlockHash, int] = {}
+        self._block_of_page: dict[int, BlockHash] = {}
         self._pages_of: dict[Hashable, list[int]] = {}
 
     @classmethod
@@ -183,21 +301,48 @@ class PagedCache:
     def fits(self, tokens: int, rows: int = 1) -> bool:
         return rows * self._pages_for(tokens) <= self.pages
 
-    def admit(self, row: Hashable, tokens: int) -> bool:
-        need = self._pages_for(tokens)
-        if need > len(self._free):
+    def holds(self, blocks: Sequence[BlockHash]) -> int:
+        count = 0
+        while count < len(blocks) and blocks[count] in self._page_of_block:
+            count += 1
+        return count
+
+    def admit(self, row: Hashable, tokens: int, blocks: Sequence[BlockHash] = ()) -> bool:
+        shared = [self._page_of_block[block] for block in blocks]
+        need = self._pages_for(tokens) - len(shared)
+        revived = sum(1 for page in shared if self._refs[page] == 0)
+        if need > len(self._free) + len(self._kept) - revived:
             return False
-        self._pages_of[row] = [self._free.pop() for _ in range(need)]
+        for page in shared:
+            self._kept.pop(page, None)
+            self._refs[page] += 1
+        self._pages_of[row] = shared + [self._take_free() for _ in range(need)]
         return True
 
+    def commit(self, row: Hashable, blocks: Sequence[BlockHash]) -> None:
+        for block, page in zip(blocks, self._pages_of[row], strict=False):
+            # A block two rows computed at once keeps the first's page; the other's is freed.
+            if page not in self._block_of_page and block not in self._page_of_block:
+                self._block_of_page[page] = block
+                self._page_of_block[block] = page
+
     def release(self, row: Hashable) -> None:
-        self._free.extend(self._pages_of.pop(row))
+        # Last pages first: a prefix's tail is given up before its start.
+        for page in reversed(self._pages_of.pop(row)):
+            self._drop(page)
 
     def fork(self, source: Hashable, target: Hashable, tokens: int) -> bool:
-        # Whole pages, copied on the device; the kernels mask what lies past a row's length.
-        rest = (slice(None),) * (self.blocks.rank - 1)  # Buffer views take no Ellipsis
-        count = self._pages_for(tokens)
-        for src, dst in zip(self._pages_of[source][:count], self._pages_of[target], strict=False):
+        # The full pages are shared; the last, partial one is copied on the device (the
+        # target writes into it). The kernels mask what lies past a row's length.
+        full, partial = divmod(tokens, self.page_size)
+        theirs, mine = self._pages_of[source], self._pages_of[target]
+        for i in range(full):
+            self._drop(mine[i])
+            mine[i] = theirs[i]
+            self._refs[mine[i]] += 1
+        if partial:
+            rest = (slice(None),) * (self.blocks.rank - 1)  # Buffer views take no Ellipsis
+            src, dst = theirs[full], mine[full]
             page = self.blocks[(slice(src, src + 1), *rest)]
             self.blocks[(slice(dst, dst + 1), *rest)].inplace_copy_from(page)
         return True
@@ -230,11 +375,11 @@ class PagedCache:
 
     @property
     def occupancy(self) -> float:
-        return 1.0 - len(self._free) / self.pages
+        return 1.0 - (len(self._free) + len(self._kept)) / self.pages
 
     @property
     def idle(self) -> bool:
-        return not self._pages_of and len(self._free) == self.pages
+        return not self._pages_of
 
     @property
     def nbytes(self) -> int:
@@ -242,3 +387,22 @@ class PagedCache:
 
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
+
+    def _take_free(self) -> int:
+        """An unnamed page, else the least recently released named one (its name dropped)."""
+        if self._free:
+            page = self._free.pop()
+        else:
+            page, _ = self._kept.popitem(last=False)
+            del self._page_of_block[self._block_of_page.pop(page)]
+        self._refs[page] = 1
+        return page
+
+    def _drop(self, page: int) -> None:
+        """One row fewer holds the page."""
+        self._refs[page] -= 1
+        if self._refs[page] == 0:
+            if page in self._block_of_page:
+                self._kept[page] = None
+            else:
+                self._free.append(page)

@@ -108,6 +108,9 @@ class SlotInputs(RaggedInputs):
 
     slots: np.ndarray = graph_input(DType.int64, ["rows"])
     starts: np.ndarray = graph_input(DType.int64, ["rows"])  # tokens cached before this step
+    # Positions [0, prefix_lens[b]) are read from slot prefix_slots[b] (a shared prefix).
+    prefix_slots: np.ndarray = graph_input(DType.int64, ["rows"])
+    prefix_lens: np.ndarray = graph_input(DType.int64, ["rows"])
 
 
 def slot_cache_types(config: GPT2Config, dtype: DType, device: DeviceRef) -> list[BufferType]:
@@ -193,6 +196,8 @@ class SlotGPT2(GPT2LMHeadModel):
         logit_indices: Tensor,
         slots: Tensor,
         starts: Tensor,
+        prefix_slots: Tensor,
+        prefix_lens: Tensor,
         *caches: Tensor,
     ) -> ModelOutputs:
         x = self.embed(tokens, positions)  # [T, E]
@@ -204,6 +209,8 @@ class SlotGPT2(GPT2LMHeadModel):
                 row_offsets=row_offsets,
                 slots=slots,
                 starts=starts,
+                prefix_slots=prefix_slots,
+                prefix_lens=prefix_lens,
             )
             x = block(x, attend)
         return self.head(x, logit_indices)
@@ -247,10 +254,13 @@ def slot_attention(
     row_offsets: Tensor,
     slots: Tensor,
     starts: Tensor,
+    prefix_slots: Tensor,
+    prefix_lens: Tensor,
 ) -> Tensor:
     """q, k, v [T, H, D]; caches [slots, H, maxlen, D] -> [T, H, D] (kernels/slot_attention).
 
-    Row b's token i goes to (slots[b], :, starts[b] + i) and attends over [0, starts[b] + i].
+    Row b's token i goes to (slots[b], :, starts[b] + i) and attends over [0, starts[b] + i],
+    reading positions before prefix_lens[b] from slot prefix_slots[b].
     """
     (out,) = F.inplace_custom(
         "slot_attention",
@@ -264,6 +274,8 @@ def slot_attention(
             row_offsets,
             slots,
             starts,
+            prefix_slots,
+            prefix_lens,
         ],
         out_types=[TensorType(q.dtype, q.shape, device=DeviceRef.CPU())],
     )

@@ -93,6 +93,7 @@ class SlotRunner:
         return Emitted(layout, ModelOutputs(*self.graph(*self._buffers(rows, ragged))))
 
     def _buffers(self, rows: list[Row], ragged: RaggedInputs) -> list[Buffer]:
+        prefixes = [self.cache.prefix(r.key) for r in rows]
         inputs = SlotInputs(
             ragged.tokens,
             ragged.positions,
@@ -100,6 +101,8 @@ class SlotRunner:
             ragged.logit_indices,
             slots=np.array([self.cache.slot(r.key) for r in rows], np.int64),
             starts=np.array([r.computed for r in rows], np.int64),
+            prefix_slots=np.array([prefix[0] for prefix in prefixes], np.int64),
+            prefix_lens=np.array([prefix[1] for prefix in prefixes], np.int64),
         )
         return [*inputs.buffers(self.device), *self.cache.buffers]
 

@@ -9,6 +9,10 @@ once. The static policy admits only into an empty engine, a full batch at a time
 A request of several choices (`n`, `best_of`) is a group: its first row prefills the prompt,
 the others are admitted with it and wait; once the prompt is in the cache it is copied into
 theirs (`fork`), and each goes on from the prompt's last token with its own seed.
+
+With the prefix cache, a row admitted starts past the blocks of its prompt the cache already
+holds (their scored prompt log-probabilities too, if it scores), and a row whose next block a
+running row is computing waits for it rather than computing it again beside it.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from batchgen.engine.kv_cache import KVCache
+from batchgen.engine.prefix_cache import BlockHash, ScoredBlocks, block_hashes, reusable_blocks
 from batchgen.engine.sampling import SamplingParams
 from batchgen.engine.textstream import TextStream
 
@@ -33,10 +38,13 @@ class SchedulerConfig:
     policy: Policy = "continuous"
     max_rows: int = 32  # active rows at most (`--batch-size`)
     step_tokens: int = 2048  # prompt tokens prefilled per step, beside the decode rows
+    prefix_cache: bool = True  # reuse the keys and values of prompts' common starts
 
     def __post_init__(self) -> None:
         if self.policy not in ("continuous", "static"):
             raise ValueError(f"invalid policy: {self.policy!r}")
+        if not isinstance(self.prefix_cache, bool):
+            raise ValueError(f"invalid prefix_cache: {self.prefix_cache!r}")
         if self.max_rows < 1:
             raise ValueError(f"invalid max_rows: {self.max_rows!r}")
         if self.step_tokens < 1:
@@ -64,8 +72,10 @@ class Row:
     choice: int = 0  # which of the request's choices (0 unless n or best_of > 1)
     # The group's other choices, on its first row; they wait for this row's prompt.
     followers: list[Row] = field(default_factory=list)
-    forked: bool = False  # a follower whose cache holds the prompt (copied) and may run
+    forked: bool = False  # a follower whose cache holds the prompt (forked) and may run
+    blocks: list[BlockHash] = field(default_factory=list)  # its prompt's, if the cache reuses
     computed: int = 0  # tokens whose keys and values are in the cache
+    reused: int = 0  # of them, prompt tokens taken from the cache (or a fork), not computed
     generated: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per generated token, if asked
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # prompt[1:], if asked
@@ -108,6 +118,7 @@ class StepPlan:
 
     decode: list[Row]
     prefill: list[tuple[Row, int]]
+    reused: int = 0  # prompt tokens the rows admitted for it took from the cache
 
     @property
     def rows(self) -> int:
@@ -119,9 +130,10 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, cache: KVCache):
+    def __init__(self, config: SchedulerConfig, cache: KVCache, scored: ScoredBlocks | None = None):
         self.config = config
         self.cache = cache
+        self.scored = ScoredBlocks() if scored is None else scored
         self.waiting: deque[Row] = deque()
         self.running: list[Row] = []  # in admission order
 
@@ -143,6 +155,8 @@ class Scheduler:
                 f"the request needs {rows}{row.tokens} tokens of KV cache; the whole cache "
                 "holds fewer: raise --kv-cache-gb"
             )
+        if self.config.prefix_cache:
+            row.blocks = block_hashes(row.prompt, self.cache.block_size)
         self.waiting.append(row)
 
     def schedule(self, now: float) -> StepPlan:
@@ -151,49 +165,109 @@ class Scheduler:
         # A follower's prompt is copied, not prefilled: it needs only its last token.
         budget = max(self.config.step_tokens - len(decode), 0)
         static = self.config.policy == "static"
+        reused = 0
         if not static or not self.running:
             # Continuous: admit while this step has prompt budget left over; static: a whole
             # batch, whose prompts then share the budget over the next steps.
             left = [len(r.prompt) - r.computed for r in self.running if r.prefilling]
             spare = budget - sum(left)
+            computing = self._computing()
             while self.waiting and (static or spare > 0):
                 row = self.waiting[0]
                 group = [row, *row.followers]
                 if len(self.running) + len(group) > self.config.max_rows:
                     break
-                if not self._admit(group):
+                blocks, entries = self._reusable(row)
+                next_block = self._next_block(row, len(blocks))
+                if not static and next_block is not None and next_block in computing:
+                    break  # its next block is being computed: wait for it, then take it
+                if not self._admit(group, blocks):
                     break  # first come, first served: nothing overtakes a row that waits
                 self.waiting.popleft()
                 for member in group:
                     member.admitted = now
+                row.computed = row.reused = len(blocks) * self.cache.block_size
+                row.prompt_logprobs = entries
+                reused += row.reused
+                computing.update(row.blocks[len(blocks) :])
                 self.running.extend(group)
-                spare -= len(row.prompt)
+                spare -= len(row.prompt) - row.computed
         prefill: list[tuple[Row, int]] = []
         for row in self.running:
             if row.prefilling and budget and not row.waiting_for_prompt:
                 chunk = min(len(row.prompt) - row.computed, budget)
                 prefill.append((row, chunk))
                 budget -= chunk
-        return StepPlan(decode, prefill)
+        return StepPlan(decode, prefill, reused)
 
-    def _admit(self, group: list[Row]) -> bool:
-        """Reserve cache for every row of a group, or for none."""
+    def ran(self, plan: StepPlan) -> None:
+        """The step ran (its prompt log-probabilities scored): its rows' keys and values are
+        in the cache, and complete blocks of prompts become reusable."""
+        for row in plan.decode:
+            row.computed += 1
+        size = self.cache.block_size
+        for row, n in plan.prefill:
+            before = row.computed
+            row.computed += n
+            if not row.blocks:
+                continue
+            self.cache.commit(row.key, row.blocks[: row.computed // size])
+            top = row.params.prompt_logprobs
+            if top is not None and row.choice == 0:
+                last = min(row.computed // size, reusable_blocks(len(row.prompt), size))
+                for i in range(before // size, last):
+                    entries = row.prompt_logprobs[i * size : (i + 1) * size]
+                    self.scored.put(row.blocks[i], row.prompt[(i + 1) * size], top, entries)
+
+    def _reusable(self, row: Row) -> tuple[list[BlockHash], list[TokenLogprob]]:
+        """The blocks of the row's prompt it may take from the cache, and the scored prompt
+        log-probabilities they come with (where it scores its prompt)."""
+        size = self.cache.block_size
+        wanted = row.blocks[: reusable_blocks(len(row.prompt), size)]
+        blocks = wanted[: self.cache.holds(wanted)]
+        top = row.params.prompt_logprobs
+        if top is None:
+            return blocks, []
+        entries: list[TokenLogprob] = []
+        for i, block in enumerate(blocks):
+            scored = self.scored.get(block, row.prompt[(i + 1) * size], top)
+            if scored is None:
+                return blocks[:i], entries  # unscored blocks are computed again
+            entries += scored
+        return blocks, entries
+
+    def _next_block(self, row: Row, taken: int) -> BlockHash | None:
+        """The block after the `taken` the row takes, if it could take that one too."""
+        limit = min(len(row.blocks), reusable_blocks(len(row.prompt), self.cache.block_size))
+        return row.blocks[taken] if taken < limit else None
+
+    def _computing(self) -> set[BlockHash]:
+        """The blocks running rows are still computing."""
+        size = self.cache.block_size
+        return {block for r in self.running for block in r.blocks[r.computed // size :]}
+
+    def _admit(self, group: list[Row], blocks: list[BlockHash]) -> bool:
+        """Reserve cache for every row of a group, or for none; the first row takes `blocks`."""
         for i, member in enumerate(group):
-            if not self.cache.admit(member.key, member.tokens):
+            if not self.cache.admit(member.key, member.tokens, blocks if i == 0 else ()):
                 for admitted in group[:i]:
                     self.cache.release(admitted.key)
                 return False
         return True
 
-    def fork(self, row: Row) -> None:
-        """The row's prompt is in the cache: copy it to its followers, which then go on from
-        its last token (recomputed, so that each draws its first token itself)."""
+    def fork(self, row: Row) -> int:
+        """The row's prompt is in the cache: give it to its followers (copied, or shared where
+        the cache can), which then go on from its last token (recomputed, so that each draws
+        its first token itself). Returns the prompt tokens they took."""
         copied = len(row.prompt) - 1
+        taken = 0
         for follower in row.followers:
             if self.cache.fork(row.key, follower.key, copied):
-                follower.computed = copied
+                follower.computed = follower.reused = copied
+                taken += copied
             follower.forked = True
             follower.prompt_logprobs = row.prompt_logprobs
+        return taken
 
     def finish(self, row: Row) -> None:
         """The row is done: it leaves now and its cache goes back."""

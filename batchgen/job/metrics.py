@@ -21,6 +21,7 @@ def timing_record(timing: Timing) -> dict[str, Any]:
         "decode_ms": round(timing.decode_ms, 2),
         "total_ms": round(timing.total_ms, 2),
         "tokens_per_s": round(timing.tokens_per_s, 1),
+        "cached_tokens": timing.cached_tokens,
     }
 
 
@@ -56,7 +57,8 @@ class RunStats:
     failed_earlier: int = 0  # skipped lines whose OUTPUT line is an error
     windows: int = 0
     steps: int = 0
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # prefilled (computed)
+    reused_tokens: int = 0  # taken from the prefix cache or a fork instead
     generated_tokens: int = 0
     row_steps: float = 0.0  # active rows summed over steps
     occupancy_steps: float = 0.0  # cache occupancy summed over steps
@@ -71,6 +73,7 @@ class RunStats:
         self.windows += 1
         self.steps += stats.steps
         self.prompt_tokens += stats.prompt_tokens
+        self.reused_tokens += stats.reused_tokens
         self.generated_tokens += stats.generated_tokens
         self.row_steps += stats.mean_rows * stats.steps
         self.occupancy_steps += stats.occupancy * stats.steps
@@ -79,6 +82,7 @@ class RunStats:
 
     def summary(self, run_s: float, setup: dict[str, Any]) -> dict[str, Any]:
         """The final metrics line: throughput over generation wall time, setup kept apart."""
+        prompt = self.prompt_tokens + self.reused_tokens
         return {
             "type": "summary",
             "requests_ok": self.ok,
@@ -88,6 +92,8 @@ class RunStats:
             "windows": self.windows,
             "steps": self.steps,
             "prompt_tokens": self.prompt_tokens,
+            "reused_tokens": self.reused_tokens,
+            "prefix_hit_rate": round(self.reused_tokens / prompt, 4) if prompt else 0.0,
             "generated_tokens": self.generated_tokens,
             "run_s": round(run_s, 3),
             "requests_per_s": round(self.ok / run_s, 2) if run_s else 0.0,
@@ -149,6 +155,12 @@ def summary_text(summary: dict[str, Any], output_name: str, errors_name: str | N
         if summary["requests_ok"]
         else "  no requests ran: no latency figures",
     ]
+    if summary.get("reused_tokens"):
+        prompt = summary["reused_tokens"] + summary["prompt_tokens"]
+        lines.append(
+            f"  prefix cache: {summary['reused_tokens']} of {prompt} prompt tokens reused "
+            f"({100 * summary['prefix_hit_rate']:.1f}%), {summary['prompt_tokens']} prefilled"
+        )
     if summary["requests_failed"] or summary["requests_failed_earlier"]:
         lines.append(f"  failed lines have error lines in {errors_name}: exit code 3")
     if summary["interrupted"]:

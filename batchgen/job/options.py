@@ -60,6 +60,7 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "batch_size": ("scheduler", "max_rows"),
     "schedule": ("scheduler", "policy"),
     "step_tokens": ("scheduler", "step_tokens"),
+    "prefix_cache": ("scheduler", "prefix_cache"),
     "max_tokens": ("sampling", "max_tokens"),
     "temperature": ("sampling", "temperature"),
     "top_k": ("sampling", "top_k"),

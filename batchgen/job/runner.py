@@ -478,6 +478,7 @@ def run_setup(
         "kv_cache": engine.cache.kind if engine else None,
         "schedule": config.scheduler.policy,
         "max_rows": config.scheduler.max_rows,
+        "prefix_cache": config.scheduler.prefix_cache,
         "load_s": seconds("load_s"),
         "compile_s": seconds("compile_s"),
         "sampler_compile_s": seconds("sampler_compile_s"),

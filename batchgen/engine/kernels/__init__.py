@@ -95,16 +95,18 @@ def _version(distribution: str) -> str:
 
 def standalone_slot_attention(heads: int, cache_dtype: str = "float32"):
     """slot_attention alone in a graph, for tests and the benchmark: (q, k, v [T, heads, D],
-    k_cache, v_cache [slots, heads, maxlen, D], row_offsets, slots, starts) -> [T, heads, D]."""
+    k_cache, v_cache [slots, heads, maxlen, D], row_offsets, slots, starts, prefix_slots,
+    prefix_lens) -> [T, heads, D]."""
     from max.dtype import DType
     from max.experimental import compilation
     from max.graph import BufferType, DeviceRef, TensorType
 
     from batchgen.engine.model import slot_attention
 
-    def attend(q, k, v, k_cache, v_cache, row_offsets, slots, starts):
+    def attend(q, k, v, k_cache, v_cache, row_offsets, slots, starts, prefix_slots, prefix_lens):
         caches = {"k_cache": k_cache, "v_cache": v_cache}
         rows = {"row_offsets": row_offsets, "slots": slots, "starts": starts}
+        rows |= {"prefix_slots": prefix_slots, "prefix_lens": prefix_lens}
         return slot_attention(q, k, v, **caches, **rows)
 
     cpu = DeviceRef.CPU()
@@ -115,4 +117,4 @@ def standalone_slot_attention(heads: int, cache_dtype: str = "float32"):
     compile_graph = compilation.compile(
         attend, name=f"slot_attention_{cache_dtype}", custom_extensions=[built_package()]
     )
-    return compile_graph(tokens, tokens, tokens, cache, cache, offsets, per_row, per_row)
+    return compile_graph(tokens, tokens, tokens, cache, cache, offsets, *[per_row] * 4)

@@ -25,16 +25,15 @@ comptime CachePtr[dtype: DType] = Pointer[Scalar[dtype], MutAnyOrigin]
 comptime Scratch = Pointer[Float32, MutUntrackedOrigin]
 
 
-def attend_one[D: Int, cache: DType](
-    q: Ptr, k_cache: CachePtr[cache], v_cache: CachePtr[cache], dst: Ptr, scores: Scratch,
-    at: Int, base: Int, length: Int, scale: Float32,
-):
-    """One query (offset `at` in q and dst) over keys [0, length) of the slot at `base`."""
-    var qv = q.unsafe_load[width=D](at) * scale
-    var m = Float32.MIN
-    var t = 0
+def score_keys[D: Int, cache: DType](
+    qv: SIMD[DType.float32, D], k_cache: CachePtr[cache], scores: Scratch,
+    base: Int, lo: Int, hi: Int, m_in: Float32,
+) -> Float32:
+    """scores[t] = q . key t for t in [lo, hi), keys of the slot at `base`; the max so far."""
+    var m = m_in
+    var t = lo
     # Four keys at a time: four independent dot products in flight.
-    while t + 4 <= length:
+    while t + 4 <= hi:
         var kt = base + t * D
         var s0 = (qv * k_cache.unsafe_load[width=D](kt).cast[DType.float32]()).reduce_add()
         var s1 = (qv * k_cache.unsafe_load[width=D](kt + D).cast[DType.float32]()).reduce_add()
@@ -43,26 +42,48 @@ def attend_one[D: Int, cache: DType](
         scores.unsafe_store(t, SIMD[DType.float32, 4](s0, s1, s2, s3))
         m = max(m, max(max(s0, s1), max(s2, s3)))
         t += 4
-    while t < length:
+    while t < hi:
         var s = (qv * k_cache.unsafe_load[width=D](base + t * D).cast[DType.float32]()).reduce_add()
         scores.unsafe_store(t, s)
         m = max(m, s)
         t += 1
-    var denom = softmax_numerators(scores, length, m)
+    return m
+
+
+def sum_values[D: Int, cache: DType](
+    v_cache: CachePtr[cache], scores: Scratch, base: Int, lo: Int, hi: Int
+) -> SIMD[DType.float32, D]:
+    """The sum of scores[t] * value t for t in [lo, hi), values of the slot at `base`."""
     var o0 = SIMD[DType.float32, D](0)
     var o1 = SIMD[DType.float32, D](0)
-    t = 0
-    while t + 2 <= length:
+    var t = lo
+    while t + 2 <= hi:
         var vt = base + t * D
         var p0 = SIMD[DType.float32, D](scores.unsafe_load(t))
         var p1 = SIMD[DType.float32, D](scores.unsafe_load(t + 1))
         o0 = p0.fma(v_cache.unsafe_load[width=D](vt).cast[DType.float32](), o0)
         o1 = p1.fma(v_cache.unsafe_load[width=D](vt + D).cast[DType.float32](), o1)
         t += 2
-    if t < length:
+    if t < hi:
         var p = SIMD[DType.float32, D](scores.unsafe_load(t))
         o0 = p.fma(v_cache.unsafe_load[width=D](base + t * D).cast[DType.float32](), o0)
-    dst.unsafe_store(at, (o0 + o1) * (1.0 / denom))
+    return o0 + o1
+
+
+def attend_one[D: Int, cache: DType](
+    q: Ptr, k_cache: CachePtr[cache], v_cache: CachePtr[cache], dst: Ptr, scores: Scratch,
+    at: Int, base: Int, pbase: Int, plen: Int, length: Int, scale: Float32,
+):
+    """One query (offset `at` in q and dst) over keys [0, length): those before `plen` in the
+    slot at `pbase` (a prefix another row holds), the rest in the slot at `base`."""
+    var qv = q.unsafe_load[width=D](at) * scale
+    var split = min(plen, length)
+    var m = score_keys[D, cache](qv, k_cache, scores, pbase, 0, split, Float32.MIN)
+    m = score_keys[D, cache](qv, k_cache, scores, base, split, length, m)
+    var denom = softmax_numerators(scores, length, m)
+    var shared = sum_values[D, cache](v_cache, scores, pbase, 0, split)
+    var own = sum_values[D, cache](v_cache, scores, base, split, length)
+    dst.unsafe_store(at, (shared + own) * (1.0 / denom))
 
 
 def softmax_numerators(scores: Scratch, length: Int, m: Float32) -> Float32:
@@ -85,7 +106,7 @@ def softmax_numerators(scores: Scratch, length: Int, m: Float32) -> Float32:
 
 def attend_block[D: Int, cache: DType](
     q: Ptr, keys_t: Scratch, stride_t: Int, v_cache: CachePtr[cache], dst: Ptr, scores: Scratch,
-    at: Int, step: Int, base: Int, first_length: Int, scale: Float32,
+    at: Int, step: Int, base: Int, pbase: Int, plen: Int, first_length: Int, scale: Float32,
 ):
     """QB consecutive queries of one row: query j at `at + j * step` attends over keys
     [0, first_length + j). `keys_t` holds those keys transposed, [D, stride_t], so a vector
@@ -128,7 +149,9 @@ def attend_block[D: Int, cache: DType](
     var o2 = SIMD[DType.float32, D](0)
     var o3 = SIMD[DType.float32, D](0)
     for t in range(last):
-        var v = v_cache.unsafe_load[width=D](base + t * D).cast[DType.float32]()
+        var v = v_cache.unsafe_load[width=D]((pbase if t < plen else base) + t * D).cast[
+            DType.float32
+        ]()
         o0 = SIMD[DType.float32, D](scores.unsafe_load(t)).fma(v, o0)
         o1 = SIMD[DType.float32, D](scores.unsafe_load(MAX_LEN + t)).fma(v, o1)
         o2 = SIMD[DType.float32, D](scores.unsafe_load(2 * MAX_LEN + t)).fma(v, o2)
@@ -142,10 +165,11 @@ def attend_block[D: Int, cache: DType](
 def attend_item[D: Int, cache: DType](
     q: Ptr, k_new: Ptr, v_new: Ptr, k_cache: CachePtr[cache], v_cache: CachePtr[cache], dst: Ptr,
     scores: Scratch, keys_t: Scratch,
-    first: Int, n: Int, step: Int, base: Int, start: Int, scale: Float32,
+    first: Int, n: Int, step: Int, base: Int, pbase: Int, plen: Int, start: Int, scale: Float32,
 ):
     """All n new tokens of one (row, head): token i is at `first + i * step` in q, k_new,
-    v_new and dst, and goes to position start + i of the slot at `base`."""
+    v_new and dst, and goes to position start + i of the slot at `base`; keys and values
+    before `plen` (<= start) are read from the slot at `pbase`."""
     # The row's new keys and values go in first: its queries read them.
     for i in range(n):
         var at = base + (start + i) * D
@@ -157,7 +181,8 @@ def attend_item[D: Int, cache: DType](
         var length = start + n
         var stride = (length + W - 1) // W * W
         for t in range(length):
-            var key = k_cache.unsafe_load[width=D](base + t * D).cast[DType.float32]()
+            var at = (pbase if t < plen else base) + t * D
+            var key = k_cache.unsafe_load[width=D](at).cast[DType.float32]()
             comptime for d in range(D):
                 keys_t.unsafe_store(d * stride + t, key[d])
         for t in range(length, stride):
@@ -166,12 +191,13 @@ def attend_item[D: Int, cache: DType](
         while i + QB <= n:
             attend_block[D, cache](
                 q, keys_t, stride, v_cache, dst, scores,
-                first + i * step, step, base, start + i + 1, scale,
+                first + i * step, step, base, pbase, plen, start + i + 1, scale,
             )
             i += QB
     while i < n:
         attend_one[D, cache](
-            q, k_cache, v_cache, dst, scores, first + i * step, base, start + i + 1, scale
+            q, k_cache, v_cache, dst, scores, first + i * step, base, pbase, plen, start + i + 1,
+            scale,
         )
         i += 1
 
@@ -189,6 +215,10 @@ struct SlotAttention:
         row_offsets: InputTensor[dtype=DType.uint32, rank=1, ...],  # [B + 1]
         slots: InputTensor[dtype=DType.int64, rank=1, ...],  # [B]
         starts: InputTensor[dtype=DType.int64, rank=1, ...],  # [B]: tokens cached before
+        # Row b reads positions [0, prefix_lens[b]) from slot prefix_slots[b]: a prefix that
+        # another row's slot holds, shared rather than copied.
+        prefix_slots: InputTensor[dtype=DType.int64, rank=1, ...],  # [B]
+        prefix_lens: InputTensor[dtype=DType.int64, rank=1, ...],  # [B], <= starts[b]
         ctx: DeviceContext,
     ) raises:
         var B = slots.dim_size(0)
@@ -207,6 +237,8 @@ struct SlotAttention:
         var offp = row_offsets.unsafe_ptr()
         var sp = slots.unsafe_ptr()
         var stp = starts.unsafe_ptr()
+        var psp = prefix_slots.unsafe_ptr()
+        var plp = prefix_lens.unsafe_ptr()
         var op = output.unsafe_ptr()
         var scale = Float32(1.0) / Float32(D).__pow__(0.5)
         # An item is one (row, head); it costs the keys its queries read.
@@ -217,11 +249,13 @@ struct SlotAttention:
             var s = Int(stp.unsafe_load(b))
             if s + n > ML:
                 raise Error("slot_attention: a row runs past its slot")
+            if Int(plp.unsafe_load(b)) > s:
+                raise Error("slot_attention: a row's shared prefix runs past its cached tokens")
             cost_total += H * (n * s + n * (n + 1) // 2)
             blocked = blocked or n >= QB
         var nthreads = max(1, min(B * H, parallelism_level(None)))
 
-        def task(task_id: Int) {var B, var H, var D, var ML, var qp, var knp, var vnp, var kcp, var vcp, var offp, var sp, var stp, var op, var scale, var nthreads, var cost_total, var blocked, imm}:
+        def task(task_id: Int) {var B, var H, var D, var ML, var qp, var knp, var vnp, var kcp, var vcp, var offp, var sp, var stp, var psp, var plp, var op, var scale, var nthreads, var cost_total, var blocked, imm}:
             var lo = task_id * cost_total // nthreads
             var hi = (task_id + 1) * cost_total // nthreads
             var scores = alloc[Float32](QB * MAX_LEN)
@@ -238,18 +272,20 @@ struct SlotAttention:
                 if begin < lo or begin >= hi or n == 0:
                     continue
                 var base = ((Int(sp.unsafe_load(b)) * H + h) * ML) * D
+                var pbase = ((Int(psp.unsafe_load(b)) * H + h) * ML) * D
+                var plen = Int(plp.unsafe_load(b))
                 var first = (first_token * H + h) * D
                 var step = H * D
                 if D == 64:
-                    attend_item[64, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[64, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, pbase, plen, start, scale)
                 elif D == 8:
-                    attend_item[8, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[8, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, pbase, plen, start, scale)
                 elif D == 16:
-                    attend_item[16, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[16, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, pbase, plen, start, scale)
                 elif D == 32:
-                    attend_item[32, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[32, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, pbase, plen, start, scale)
                 else:
-                    attend_item[128, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, start, scale)
+                    attend_item[128, k_cache.dtype](qp, knp, vnp, kcp, vcp, op, scores, keys_t, first, n, step, base, pbase, plen, start, scale)
             scores.unsafe_free()
             keys_t.unsafe_free()
 
