@@ -171,7 +171,7 @@ class Scheduler:
             # batch, whose prompts then share the budget over the next steps.
             left = [len(r.prompt) - r.computed for r in self.running if r.prefilling]
             spare = budget - sum(left)
-            computing = self._computing()
+            computing = self._computing() if self.waiting else set()
             while self.waiting and (static or spare > 0):
                 row = self.waiting[0]
                 group = [row, *row.followers]
