@@ -28,6 +28,8 @@ for args in (
     ["run", "in.jsonl", "out.jsonl", "--kv-cache", "slots", "--device", "gpu"],
     ["run", "in.jsonl", "out.jsonl", "--kv-cache", "paged", "--kv-cache-dtype", "float16"],
     ["bench", "--workloads", "uniform,warp"],
+    ["report", "metrics.jsonl"],
+    ["bench", "--plot", "bench.gif"],
 ):
     result = CliRunner().invoke(cli, args)
     print(result.exit_code, result.output.splitlines()[-1] if result.output else "")
@@ -46,19 +48,23 @@ def test_help_version_and_usage_errors_import_nothing_heavy(tmp_path):
     )
     *answers, heavy = done.stdout.splitlines()
     codes = [int(line.split()[0]) for line in answers]
-    assert codes == [0, 0, 0, 2, 2, 2, 1, 2, 2, 2, 2], done.stdout
+    assert codes == [0, 0, 0, 2, 2, 2, 1, 2, 2, 2, 2, 2, 2], done.stdout
     assert answers[1] == f"0 batchgen, version {batchgen.__version__}"
     assert "cannot read missing.jsonl" in answers[6]
     assert "--kv-cache slots runs on the CPU" in answers[8]
     assert "float16 goes with the slot cache" in answers[9]
     assert "choose from uniform, step, mixed, long" in answers[10]
+    assert "name the page (-o report.html), the images (--png DIR), or both" in answers[11]
+    assert "name a .png, .svg or .pdf file" in answers[12]
     assert heavy == "[]"
 
 
-def test_bench_prints_every_workload_it_is_asked_for(tiny_dir):
-    """A smoke run of `batchgen bench` on the 2-layer checkpoint: it runs and says what it ran."""
+def test_bench_prints_every_workload_it_is_asked_for(tiny_dir, tmp_path):
+    """A smoke run of `batchgen bench` on the 2-layer checkpoint: it runs and says what it ran,
+    and draws it (--plot)."""
+    plot = tmp_path / "bench.svg"
     args = ["--model", str(tiny_dir), "--workloads", "uniform,step,scoring,choices",
-            "--batch-sizes", "1,2", "--repeats", "1"]  # fmt: skip
+            "--batch-sizes", "1,2", "--repeats", "1", "--plot", str(plot)]  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "batchgen", "bench", *args],
         capture_output=True, text=True, env=child_env(), check=True,
@@ -69,6 +75,9 @@ def test_bench_prints_every_workload_it_is_asked_for(tiny_dir):
     assert out.count("profile, decode step of 32 rows") == 4
     assert re.search(r"scoring: 32 prompts .* batchgen \d+ scored tok/s, HF forward pass \d+", out)
     assert re.search(r"choices: 8 prompts .* n=4 \d+ tok/s, 32 separate requests \d+ tok/s", out)
+    drawn = plot.read_text()  # the curve and three workloads' panels, their titles as text
+    assert "tokens/s against batch size" in drawn
+    assert all(name in drawn for name in ("uniform: ", "scoring: ", "choices: "))
 
 
 def test_every_run_option_reaches_one_option_field_and_no_other_setting_is_taken():

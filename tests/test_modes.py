@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from batchgen.engine import Request, SamplingParams, Step
 from batchgen.engine.sampling import derive_seed
 from batchgen.engine.textstream import token_bytes
 from batchgen.modes.chat import STOP_STRINGS, ReplyStream, Turn, build_prompt
-from batchgen.modes.interactive import parameter_count
+from batchgen.modes.interactive import PipeInput, parameter_count
 
 
 def gpt2(tiny_dir: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -92,6 +93,42 @@ def test_prompt_loop_exits_cleanly_on_eof_and_ctrl_c(tiny_dir, ending):
         pytest.fail(f"still running 120 s after {ending}; its threads:\n{stderr[-6000:]}")
     assert code == 0
     assert "Traceback" not in process.stderr.read()
+
+
+def test_pipe_input_reads_lines_and_a_signal_ends_its_wait():
+    """The prompt loop's reader for a piped stdin: lines (the last without its newline too),
+    then EOF; and a SIGINT that another thread takes (as when it lands just before the read)
+    still ends the wait: input() would block on."""
+    read_end, write_end = os.pipe()
+    os.write(write_end, "one\ntwo ü\nthree".encode())
+    os.close(write_end)
+    previous = signal.getsignal(signal.SIGINT), signal.set_wakeup_fd(-1)
+    try:
+        read = PipeInput(read_end)
+        assert [read(""), read(""), read("")] == ["one", "two ü", "three"]
+        with pytest.raises(EOFError):
+            read("")
+        waiting, late = os.pipe()
+        read = PipeInput(waiting)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Started before this thread blocks SIGINT, so the signal goes to the timer's thread;
+        # a reader that missed it would get the late line instead of raising.
+        kill = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+        rescued = []
+        rescue = threading.Timer(10, lambda: rescued.append(os.write(late, b"late\n")))
+        kill.start()
+        rescue.start()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                read("")
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            rescue.cancel()
+        assert not rescued  # it raised on the signal, not once a line came
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.set_wakeup_fd(previous[1])
 
 
 def read_until(fd: int, marker: bytes, timeout: float = 120) -> bytes:

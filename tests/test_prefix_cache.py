@@ -302,6 +302,7 @@ def test_the_paged_cache_forks_by_sharing_full_pages_and_copying_the_last():
     source = cache._pages_of["first"]
     blocks[source[2]] = 3.0
     cache.fork("first", "second", 299)  # 2 full pages and 43 tokens
+    cache.blocks.device.synchronize()  # the page is copied on the device's queue (seen unfinished)
     mine = cache._pages_of["second"]
     assert mine[:2] == source[:2] and mine[2] != source[2]
     assert (blocks[mine[2]] == 3.0).all()

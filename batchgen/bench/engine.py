@@ -26,7 +26,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,32 @@ class BenchConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class Bar:
+    """One figure of a workload: batchgen's (in some setting) or its baseline's."""
+
+    label: str
+    value: float
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A workload's figures in one unit, as `--plot` draws them side by side."""
+
+    title: str
+    unit: str
+    bars: list[Bar]
+
+
+@dataclass
+class BenchFigures:
+    """What a bench run measured, for --plot: tokens/s by batch size, and each workload."""
+
+    batches: list[tuple[int, float, float | None]] = field(default_factory=list)  # B, ours, HF
+    workloads: list[Workload] = field(default_factory=list)
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -83,8 +109,11 @@ def max_generate(engine: Engine, prompts: list[list[int]], new_tokens: int) -> N
 
 
 def _all_at_once(prompts: list[list[int]]) -> SchedulerConfig:
-    """Every row admitted and prefilled in the first step, as one batch."""
-    return SchedulerConfig(max_rows=len(prompts), step_tokens=sum(map(len, prompts)))
+    """Every row admitted and prefilled in the first step, as one batch; no prefix cache,
+    so that each timed repeat computes what the first did."""
+    return SchedulerConfig(
+        max_rows=len(prompts), step_tokens=sum(map(len, prompts)), prefix_cache=False
+    )
 
 
 def decode_step_ms(engine: Engine, batch: int, context: int, seed: int) -> float:
@@ -99,14 +128,17 @@ def decode_step_ms(engine: Engine, batch: int, context: int, seed: int) -> float
     return 1e3 * statistics.median(b - a for a, b in itertools.pairwise(stamps))
 
 
-def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = print) -> None:
+def run(
+    model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = print
+) -> BenchFigures:
+    """Run the chosen workloads, printing each figure as it comes; all of them returned."""
     rows = max(config.batch_sizes + (config.profile_batch, config.step_batch))
     # On the CPU, room for the largest batch; a GPU's default budget holds far more.
     cache_gb = 1.1 * rows * _slot_bytes(model_dir) / 2**30 if config.device == "cpu" else None
     engine_config = EngineConfig(
         device=config.device,  # type: ignore[arg-type]
         kv_cache_gb=cache_gb,
-        scheduler=SchedulerConfig(max_rows=rows),
+        scheduler=SchedulerConfig(max_rows=rows, prefix_cache=False),
     )
     engine = Engine.from_pretrained(model_dir, engine_config)
     c = engine.config
@@ -123,11 +155,14 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
     )
     wants_hf = {"uniform", "mixed", "scoring", "prefix"} & set(config.workloads)
     hf = workloads.hf_model(model_dir, config.device) if wants_hf else None
+    figures = BenchFigures()
+    measured = figures.workloads.append
     with tempfile.TemporaryDirectory() as scratch:
         for name in config.workloads:
             print_fn("")
             if name == "uniform":
-                uniform(engine, hf, config, print_fn)
+                figures.batches = uniform(engine, hf, config, print_fn)
+                measured(uniform_workload(figures.batches, config))
             elif name == "step":
                 step(engine, config, print_fn)
                 if engine.cache.kind == "slots":  # and what float16 keys and values buy
@@ -135,24 +170,29 @@ def run(model_dir: Path, config: BenchConfig, print_fn: Callable[[str], None] = 
                     print_fn("with --kv-cache-dtype float16:")
                     step(Engine.from_pretrained(model_dir, half), config, print_fn)
             elif name == "mixed":
-                mixed(model_dir, hf, config, Path(scratch), print_fn)
+                measured(mixed(model_dir, hf, config, Path(scratch), print_fn))
             elif name == "long":
-                long_prompts(model_dir, config, Path(scratch), print_fn)
+                measured(long_prompts(model_dir, config, Path(scratch), print_fn))
             elif name == "scoring":
-                scoring(engine, hf, config, print_fn)
+                measured(scoring(engine, hf, config, print_fn))
             elif name == "choices":
-                choices(engine, config, print_fn)
+                measured(choices(engine, config, print_fn))
             elif name == "prefix":
-                shared_prefixes(model_dir, hf, config, Path(scratch), print_fn)
+                figures.workloads += shared_prefixes(model_dir, hf, config, Path(scratch), print_fn)
     print_fn(f"\npeak RSS of this process: {workloads.peak_rss_mb():.0f} MiB")
+    return figures
 
 
-def uniform(engine: Engine, hf, config: BenchConfig, print_fn: Callable[[str], None]) -> None:
+def uniform(
+    engine: Engine, hf, config: BenchConfig, print_fn: Callable[[str], None]
+) -> list[tuple[int, float, float | None]]:
+    """(batch, batchgen tok/s, HF tok/s or None) per batch size."""
     print_fn(
         f"uniform: prompts ~{config.prompt_tokens} tokens, {config.new_tokens} new tokens, "
         f"greedy, median of {config.repeats}"
     )
     print_fn(f"{'batch':>5} {'batchgen tok/s':>15} {'HF tok/s':>10} {'ratio':>6}")
+    points: list[tuple[int, float, float | None]] = []
     for batch in config.batch_sizes:
         prompts = workloads.uniform_prompts(batch, config.prompt_tokens, config.seed)
         max_generate(engine, prompts, 4)  # warm-up
@@ -160,10 +200,25 @@ def uniform(engine: Engine, hf, config: BenchConfig, print_fn: Callable[[str], N
         ours = batch * n / median_time(functools.partial(max_generate, engine, prompts, n), repeats)
         if batch not in config.hf_batch_sizes:
             print_fn(f"{batch:>5} {ours:>15.1f} {'-':>10} {'-':>6}")
+            points.append((batch, ours, None))
             continue
         hf_generate(hf, prompts, 4)
         theirs = batch * n / median_time(functools.partial(hf_generate, hf, prompts, n), repeats)
         print_fn(f"{batch:>5} {ours:>15.1f} {theirs:>10.1f} {ours / theirs:>5.2f}x")
+        points.append((batch, ours, theirs))
+    return points
+
+
+def uniform_workload(
+    points: list[tuple[int, float, float | None]], config: BenchConfig
+) -> Workload:
+    """The largest batch HF also ran, as a workload's bars."""
+    batch, ours, theirs = max((p for p in points if p[2] is not None), default=points[-1])
+    bars = [Bar(f"batchgen, batch {batch}", ours)]
+    if theirs is not None:
+        bars.append(Bar("HF generate", theirs, baseline=True))
+    title = f"uniform: ~{config.prompt_tokens}-token prompts, {config.new_tokens} new"
+    return Workload(title, "generated tok/s", bars)
 
 
 def step(engine: Engine, config: BenchConfig, print_fn: Callable[[str], None]) -> None:
@@ -245,7 +300,7 @@ def _attention_ms(engine: Engine, batch: int, context: int) -> float:
     return 1e3 * c.n_layer * median_time(lambda: attend(*args).to_numpy(), 9)
 
 
-def mixed(model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn) -> None:
+def mixed(model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn) -> Workload:
     lines = workloads.mixed_job(config.mixed_lines, config.seed)
     job = workloads.write_job(scratch / "mixed.jsonl", lines)
     print_fn(
@@ -267,10 +322,17 @@ def mixed(model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn) -> 
     tokens, hf_s = timed_hf_loop(hf, model_dir, lines)
     ours = runs["batchgen run (defaults)"]
     print_fn(f"{'HF careful loop (sorted, batch 32)':<34} {hf_s:>8.1f} {tokens / hf_s:>8.1f}")
+    static = runs["batchgen run --schedule static"]
     print_fn(
         f"batchgen defaults: {hf_s / ours.wall_s:.2f}x the HF loop, "
-        f"{runs['batchgen run --schedule static'].wall_s / ours.wall_s:.2f}x --schedule static"
+        f"{static.wall_s / ours.wall_s:.2f}x --schedule static"
     )
+    bars = [
+        Bar("batchgen run", ours.tokens_per_s),
+        Bar("--schedule static", static.tokens_per_s),
+        Bar("HF careful loop", tokens / hf_s, baseline=True),
+    ]
+    return Workload(f"mixed: {len(lines)} prompts, end to end", "generated tok/s", bars)
 
 
 def timed_hf_loop(hf, model_dir: Path, lines: list[dict]) -> tuple[int, float]:
@@ -281,7 +343,7 @@ def timed_hf_loop(hf, model_dir: Path, lines: list[dict]) -> tuple[int, float]:
     return tokens, time.perf_counter() - start
 
 
-def long_prompts(model_dir: Path, config: BenchConfig, scratch: Path, print_fn) -> None:
+def long_prompts(model_dir: Path, config: BenchConfig, scratch: Path, print_fn) -> Workload:
     lines = workloads.long_job(config.long_lines)
     job = workloads.write_job(scratch / "long.jsonl", lines)
     job_run = run_job_process(job, model_dir, scratch, config.device)
@@ -290,9 +352,11 @@ def long_prompts(model_dir: Path, config: BenchConfig, scratch: Path, print_fn) 
         f"{job_run.wall_s:.1f} s end to end, {job_run.tokens_per_s:.1f} tok/s, peak RSS "
         f"{job_run.peak_rss_mb:.0f} MiB"
     )
+    bars = [Bar("batchgen run", job_run.tokens_per_s)]  # nothing else runs it: no baseline
+    return Workload(f"long: {len(lines)} prompts of ~500 tokens", "generated tok/s", bars)
 
 
-def scoring(engine: Engine, hf, config: BenchConfig, print_fn: Callable[[str], None]) -> None:
+def scoring(engine: Engine, hf, config: BenchConfig, print_fn: Callable[[str], None]) -> Workload:
     """Scored prompt tokens/s: echo + max_tokens 0 (prefill only, logits where asked)."""
     prompts = workloads.uniform_prompts(config.scoring_prompts, config.scoring_tokens, config.seed)
     params = SamplingParams(max_tokens=0, prompt_logprobs=0)
@@ -308,9 +372,12 @@ def scoring(engine: Engine, hf, config: BenchConfig, print_fn: Callable[[str], N
         f"0), median of {config.repeats}: batchgen {scored / ours:.0f} scored tok/s, HF forward "
         f"pass {scored / theirs:.0f} tok/s ({theirs / ours:.2f}x)"
     )
+    bars = [Bar("batchgen (echo)", scored / ours), Bar("HF forward pass", scored / theirs, True)]
+    title = f"scoring: {len(prompts)} x ~{config.scoring_tokens} tokens"
+    return Workload(title, "scored tok/s", bars)
 
 
-def choices(engine: Engine, config: BenchConfig, print_fn: Callable[[str], None]) -> None:
+def choices(engine: Engine, config: BenchConfig, print_fn: Callable[[str], None]) -> Workload:
     """n choices from one prefill (the prompt's K/V forked) next to n separate requests."""
     n = config.choices
     prompts = workloads.uniform_prompts(config.choice_prompts, config.scoring_tokens, config.seed)
@@ -318,7 +385,9 @@ def choices(engine: Engine, config: BenchConfig, print_fn: Callable[[str], None]
     together = [Request(p, replace(sampled, n=n, seed=i)) for i, p in enumerate(prompts)]
     apart = [Request(p, replace(sampled, seed=n * i + k)) for i, p in enumerate(prompts)
              for k in range(n)]  # fmt: skip
-    schedule = SchedulerConfig(max_rows=n * len(prompts), step_tokens=n * sum(map(len, prompts)))
+    schedule = SchedulerConfig(
+        max_rows=n * len(prompts), step_tokens=n * sum(map(len, prompts)), prefix_cache=False
+    )
     figures = {}
     for label, requests in (("n", together), ("apart", apart)):
         engine.generate(requests, schedule=schedule)  # warm-up
@@ -331,9 +400,16 @@ def choices(engine: Engine, config: BenchConfig, print_fn: Callable[[str], None]
         f"{n * len(prompts)} separate requests {figures['apart']:.0f} tok/s "
         f"({figures['n'] / figures['apart']:.2f}x)"
     )
+    bars = [
+        Bar(f"n={n}", figures["n"]),
+        Bar(f"{n * len(prompts)} requests", figures["apart"], baseline=True),
+    ]
+    return Workload(f"choices: {len(prompts)} prompts, n={n}", "sampled tok/s", bars)
 
 
-def shared_prefixes(model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn) -> None:
+def shared_prefixes(
+    model_dir: Path, hf, config: BenchConfig, scratch: Path, print_fn
+) -> list[Workload]:
     """A shared preamble and a shared scored document, with the prefix cache on and off:
     tokens/s over each run's generation time (its summary's run_s: start-up and compile
     apart, as the HF loop's figure has none)."""
@@ -362,6 +438,15 @@ def shared_prefixes(model_dir: Path, hf, config: BenchConfig, scratch: Path, pri
         f"prefix cache on: {off['run_s'] / on['run_s']:.2f}x off, "
         f"{hf_s / on['run_s']:.2f}x the HF loop"
     )
+    preamble = Workload(
+        f"prefix: {len(lines)} prompts sharing {config.preamble_tokens} tokens",
+        "generated tok/s (run_s)",
+        [
+            Bar("prefix cache on", on["generated_tokens_per_s"]),
+            Bar("prefix cache off", off["generated_tokens_per_s"]),
+            Bar("HF careful loop", tokens / hf_s, baseline=True),
+        ],
+    )
     lines = workloads.shared_document_job(config.continuations, config.preamble_tokens)
     job = workloads.write_job(scratch / "document.jsonl", lines)
     scored = sum(len(line["prompt"]) - 1 for line in lines)
@@ -375,6 +460,12 @@ def shared_prefixes(model_dir: Path, hf, config: BenchConfig, scratch: Path, pri
         f"continuations of 5-20 tokens (echo, max_tokens 0): {figures['on']:.0f} scored tok/s "
         f"on, {figures['off']:.0f} off ({figures['on'] / figures['off']:.2f}x)"
     )
+    document = Workload(
+        f"prefix scoring: 1 document, {len(lines)} continuations",
+        "scored tok/s (run_s)",
+        [Bar("prefix cache on", figures["on"]), Bar("prefix cache off", figures["off"], True)],
+    )
+    return [preamble, document]
 
 
 def _slot_bytes(model_dir: Path) -> int:

@@ -23,6 +23,7 @@ COMMANDS = {
     "gpt2": "gpt2",
     "generate": "generate",
     "bench": "bench",
+    "report": "report",
     "random-model": "random_model",
 }
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from pathlib import Path
 
@@ -57,6 +58,12 @@ BENCH_WORKLOADS = ("uniform", "step", "mixed", "long", "scoring", "choices", "pr
     "--actors", type=click.IntRange(min=1), default=2, show_default=True,
     help="Ray actors, with --backends.",
 )  # fmt: skip
+@click.option(
+    "--plot", type=click.Path(dir_okay=False, path_type=Path),
+    help="Also draw the figures into FILE (.png, .svg or .pdf): tokens/s against batch size, "
+    "batchgen against HF, and each workload as bars (needs batchgen[report]).",
+)  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace an existing --plot file.")
 def bench(
     model: Path | None,
     repeats: int,
@@ -66,6 +73,8 @@ def bench(
     lines: int,
     backends: bool,
     actors: int,
+    plot: Path | None,
+    overwrite: bool,
 ) -> None:
     """Print batchgen's throughput next to Hugging Face and to itself, measured in one run."""
     sizes = parse_batch_sizes(batch_sizes)
@@ -73,6 +82,8 @@ def bench(
     if not chosen or set(chosen) - set(BENCH_WORKLOADS):
         known = ", ".join(BENCH_WORKLOADS)
         raise click.BadParameter(f"{workloads!r}: choose from {known}", param_hint="--workloads")
+    if plot is not None:
+        _check_plot(plot, overwrite, backends)
     from batchgen.bench import backends as backends_bench
     from batchgen.bench import engine as bench_module
 
@@ -84,6 +95,7 @@ def bench(
         repeats=repeats,
         mixed_lines=lines,
     )
+    given = model is not None
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
             from batchgen.random_checkpoint import write_random_checkpoint
@@ -93,4 +105,26 @@ def bench(
             scale_config = backends_bench.ScaleBenchConfig(lines=lines, actors=actors)
             backends_bench.run(model, scale_config, click.echo)
         else:
-            bench_module.run(model, config, click.echo)
+            figures = bench_module.run(model, config, click.echo)
+            if plot is not None:
+                from batchgen.bench.plot import write_plot
+
+                where = f"{device}, median of {repeats}"
+                name = model if given else "GPT-2 124M shape, random weights"
+                write_plot(figures, plot, f"batchgen bench: {name} on {where}")
+                click.echo(f"plot: {plot}")
+
+
+def _check_plot(plot: Path, overwrite: bool, backends: bool) -> None:
+    """Everything --plot needs, before the bench runs for minutes."""
+    if backends:
+        raise click.BadParameter("draws the workloads, not --backends", param_hint="--plot")
+    if plot.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise click.BadParameter(f"{plot}: name a .png, .svg or .pdf file", param_hint="--plot")
+    if plot.exists() and not overwrite:
+        message = f"{plot} exists: pass --overwrite to replace it"
+        raise click.BadParameter(message, param_hint="--plot")
+    if not plot.parent.is_dir():
+        raise click.BadParameter(f"{plot.parent} is not a directory", param_hint="--plot")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise click.ClickException("--plot draws with matplotlib: pip install 'batchgen[report]'")

@@ -40,6 +40,7 @@ from batchgen.engine.scheduler import (
     Row,
     Scheduler,
     SchedulerConfig,
+    StepPlan,
     TokenLogprob,
 )
 from batchgen.engine.textstream import TextStream, decode, token_bytes
@@ -121,6 +122,7 @@ class WindowStats:
     generated_tokens: int
     seconds: float
     reused_tokens: int = 0  # prompt tokens taken from the prefix cache or a fork, not prefilled
+    waiting: float = 0.0  # requests read but not yet admitted, per step, on average
 
 
 @dataclass(frozen=True)
@@ -445,7 +447,7 @@ class Engine:
         on_step: OnStep | None,
     ) -> list[Finished]:
         plan = scheduler.schedule(time.perf_counter())
-        clock.step(plan.rows, plan.prompt_tokens, plan.reused, self.cache.occupancy)
+        clock.step(plan, len(scheduler.waiting), self.cache.occupancy)
         emitted = self.runner.run(plan)
         chosen = self._choose(emitted)
         self._score(emitted, chosen)
@@ -601,14 +603,16 @@ class _WindowClock:
     def _reset(self, now: float) -> None:
         self.start = now
         self.steps = self.rows = self.prompt_tokens = self.reused = self.generated = 0
+        self.waiting = 0
         self.occupancy = 0.0
 
-    def step(self, rows: int, prompt_tokens: int, reused: int, occupancy: float) -> None:
+    def step(self, plan: StepPlan, waiting: int, occupancy: float) -> None:
         self.steps += 1
         self.steps_total += 1
-        self.rows += rows
-        self.prompt_tokens += prompt_tokens
-        self.reused += reused
+        self.rows += plan.rows
+        self.prompt_tokens += plan.prompt_tokens
+        self.reused += plan.reused
+        self.waiting += waiting
         self.occupancy += occupancy
 
     def window(self, index: int, finished: list[Finished]) -> Window:
@@ -622,6 +626,7 @@ class _WindowClock:
             generated_tokens=self.generated,
             seconds=now - self.start,
             reused_tokens=self.reused,
+            waiting=self.waiting / self.steps,
         )
         self._reset(now)
         return Window(finished, stats)

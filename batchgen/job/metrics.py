@@ -35,6 +35,7 @@ def window_record(stats: WindowStats, requests: int) -> dict[str, Any]:
         requests=requests,
         mean_rows=round(stats.mean_rows, 2),
         occupancy=round(stats.occupancy, 4),
+        waiting=round(stats.waiting, 2),
         ms=round(ms, 2),
         tokens_per_s=round(1e3 * stats.generated_tokens / ms, 1) if ms else 0.0,
     )
@@ -62,6 +63,7 @@ class RunStats:
     generated_tokens: int = 0
     row_steps: float = 0.0  # active rows summed over steps
     occupancy_steps: float = 0.0  # cache occupancy summed over steps
+    waiting_steps: float = 0.0  # requests waiting to be admitted, summed over steps
     # Per request, 8 bytes each: a million-line job holds 16 MB of them.
     total_ms: array = field(default_factory=lambda: array("d"))
     first_token_ms: array = field(default_factory=lambda: array("d"))
@@ -77,6 +79,7 @@ class RunStats:
         self.generated_tokens += stats.generated_tokens
         self.row_steps += stats.mean_rows * stats.steps
         self.occupancy_steps += stats.occupancy * stats.steps
+        self.waiting_steps += stats.waiting * stats.steps
         self.total_ms.extend(t.total_ms for t in timings)
         self.first_token_ms.extend(t.first_token_ms for t in timings)
 
@@ -102,6 +105,7 @@ class RunStats:
             "first_token_ms": _percentiles(self.first_token_ms),
             "mean_rows": round(self.row_steps / self.steps, 2) if self.steps else 0.0,
             "occupancy": round(self.occupancy_steps / self.steps, 4) if self.steps else 0.0,
+            "waiting": round(self.waiting_steps / self.steps, 2) if self.steps else 0.0,
             "peak_rss_mb": peak_rss_mb(),
             **setup,
         }

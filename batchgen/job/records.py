@@ -223,23 +223,42 @@ def accounted(record: Any) -> tuple[Literal["id", "line"], JsonId] | None:
 def summary(record: dict[str, Any]) -> dict[str, Any]:
     """An output line's first choice as flat fields, whichever form it was written in: `id`,
     `text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, `error` ("field: why")."""
+    error = error_of(record)
     if "custom_id" in record:
         body = record["response"]["body"]
-        error = body.get("error")
         choice = body["choices"][0] if "choices" in body else {}
         text = choice["message"]["content"] if "message" in choice else choice.get("text")
-        usage, line_id = body.get("usage", {}), record["custom_id"]
-        message = f"{error['param']}: {error['message']}" if error else None
+        line_id = record["custom_id"]
     else:
-        error = record.get("error")
-        usage, line_id, text = record.get("usage", {}), record.get("id"), record.get("text")
-        message = f"{error['field']}: {error['message']}" if error else None
-        choice = record
+        line_id, text, choice = record.get("id"), record.get("text"), record
+    used = usage_of(record)
     return {
         "id": line_id,
         "text": text,
         "finish_reason": choice.get("finish_reason"),
-        "prompt_tokens": usage.get("prompt_tokens"),
-        "completion_tokens": usage.get("completion_tokens"),
-        "error": message,
+        "prompt_tokens": used.get("prompt_tokens"),
+        "completion_tokens": used.get("completion_tokens"),
+        "error": f"{error[0]}: {error[1]}" if error else None,
     }
+
+
+def error_of(record: dict[str, Any]) -> tuple[str | None, str] | None:
+    """An error line's (field, message); None for a result."""
+    if "custom_id" in record:
+        error = record["response"]["body"].get("error")
+        return (error["param"], error["message"]) if error else None
+    error = record.get("error")
+    return (error["field"], error["message"]) if error else None
+
+
+def usage_of(record: dict[str, Any]) -> dict[str, int]:
+    """A result's token counts (`prompt_tokens`, `completion_tokens`); empty for an error."""
+    if "custom_id" in record:
+        return record["response"]["body"].get("usage", {})
+    return record.get("usage", {})
+
+
+def timing_of(record: dict[str, Any]) -> dict[str, float] | None:
+    """A result's `timing` (queue_ms, first_token_ms, decode_ms, ...); None for an error."""
+    where = record.get("batchgen", {}) if "custom_id" in record else record
+    return where.get("timing")

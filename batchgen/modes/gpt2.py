@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -48,4 +49,5 @@ def run_mode(engine: Engine, model: str, mode: Mode, echo: Callable[[str], None]
         echo(f"Generated text:\n{mode.prompt}{text}")
     else:
         decoding = interactive.Decoding(mode.max_new_tokens or 50, mode.temperature, mode.seed)
-        interactive.prompt_loop(engine, decoding, input, echo)
+        read = input if sys.stdin.isatty() else interactive.PipeInput()
+        interactive.prompt_loop(engine, decoding, read, echo)

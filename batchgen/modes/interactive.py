@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import os
+import select
+import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +59,36 @@ def generate_text(engine: Engine, prompt: str, params: SamplingParams) -> str:
     """The prompt's continuation (special tokens dropped)."""
     out = engine.generate([Request(engine.tokenizer(prompt).input_ids, params)])
     return out.completions[0].text
+
+
+class PipeInput:
+    """input() for a stdin that is not a terminal (a pipe, a script): a Ctrl-C that lands
+    just before the read still ends it. input() would block in read() for good then, the
+    signal already handled; here its wakeup byte ends the wait and its handler runs."""
+
+    def __init__(self, fd: int = 0):
+        self.fd = fd
+        self.pending = b""
+        self.woken, wake = os.pipe()
+        os.set_blocking(wake, False)
+        signal.set_wakeup_fd(wake, warn_on_full_buffer=False)
+
+    def __call__(self, prompt: str) -> str:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        while b"\n" not in self.pending:
+            ready, _, _ = select.select([self.fd, self.woken], [], [])
+            if self.woken in ready:
+                os.read(self.woken, 512)  # the signal's handler raises once this returns
+                continue
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                if not self.pending:
+                    raise EOFError
+                self.pending += b"\n"  # a last line without its newline
+            self.pending += chunk
+        line, _, self.pending = self.pending.partition(b"\n")
+        return line.decode(errors="replace")
 
 
 def prompt_loop(
