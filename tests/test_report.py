@@ -149,7 +149,7 @@ def test_downsampling_keeps_every_total():
         "reused_tokens": np.zeros(n), "ms": rng.uniform(1, 300, n), "waiting": rng.uniform(0, 9, n),
     }  # fmt: skip
     shown = downsample(Windows(columns), 1000)
-    assert len(shown) == 834  # groups of ceil(2500 / 1000) = 3
+    assert len(shown) == 1000  # groups of 2 and 3 windows
     for name in ("steps", "requests", "generated_tokens", "ms"):
         assert shown.columns[name].sum() == pytest.approx(columns[name].sum())
     for name in ("mean_rows", "occupancy", "waiting"):  # row-steps etc. are kept
@@ -159,7 +159,7 @@ def test_downsampling_keeps_every_total():
     from batchgen.report.runs import Run, Session
 
     (line,) = timelines(Run("r", [Session({"": Windows(columns)}, None)]))
-    assert len(line.tokens_per_s) == 834
+    assert len(line.tokens_per_s) == 1000
     area = (line.tokens_per_s * np.diff(line.edges)).sum()
     assert area == pytest.approx(columns["generated_tokens"].sum())
 
@@ -190,6 +190,8 @@ def test_runs_overlay_and_a_resumed_run_continues_where_it_stopped(job: Path, tm
         (["WINDOW", '{"type": "window", "ms": "abc"}'], "m.jsonl:2: field 'index'"),
         (["WINDOW", "WINDOW ms=abc"], "m.jsonl:2: field 'ms': input should be a valid number"),
         (["WINDOW steps=0"], "m.jsonl:1: field 'steps': input should be greater than or equal"),
+        (["WINDOW steps=true"], "m.jsonl:1: field 'steps': input should be a valid integer"),
+        (["WINDOW ms=12.5s"], "m.jsonl:1: field 'ms': input should be a valid number"),
         (["WINDOW", '{"type": "windows"}'], "m.jsonl:2: field 'type' is 'windows'"),
         (["SUMMARY latency_ms={}"], "m.jsonl:1: field 'latency_ms.p50': field required"),
     ],
@@ -206,7 +208,9 @@ def test_a_bad_metrics_file_is_named_by_line_and_field_and_nothing_is_written(
         record = dict(real[kind.lower()])
         for change in changes:
             name, value = change.split("=")
-            record[name] = {"abc": "abc", "{}": {}}[value] if value in ("abc", "{}") else int(value)
+            record[name] = json.loads(value) if value in ("true", "{}") else (
+                int(value) if value.isdigit() else value
+            )  # fmt: skip
         return json.dumps(record)
 
     (tmp_path / "m.jsonl").write_text("\n".join(map(line, lines)) + "\n")
@@ -250,6 +254,9 @@ def test_targets_are_never_clobbered_and_pngs_are_pngs(job: Path, tmp_path: Path
     assert page.read_bytes() == before
     assert report(metrics, "-o", page, "--overwrite").exit_code == 0
     assert page.read_text().count("<figure") == 2  # no OUTPUT: no distributions
+    (tmp_path / "png" / "latency.png").unlink()  # --png checks only the images it writes
+    assert report(metrics, "--png", tmp_path / "png", "--overwrite").exit_code == 0
+    assert not (tmp_path / "png" / "latency.png").exists()
     assert report(metrics).exit_code == 2  # neither a page nor images asked for
 
 
@@ -269,6 +276,30 @@ def test_runs_with_no_line_or_only_errors_render(tiny_dir: Path, tmp_path: Path)
         assert "no engine windows" in page and "no result lines" in page
     assert re.search(r'<td>max_tokens</td><td>[^<]*</td><td class="n">1</td>', page)
     assert re.search(r'<td>prompt</td><td>[^<]*</td><td class="n">1</td>', page)
+
+
+def test_error_lines_and_labels_that_could_break_the_page(job: Path, tmp_path: Path):
+    """Error lines are checked by field; a "$" in a file name is text, not math; failures
+    the files given do not hold are said; a batchgen 0.2 session is noted, not drawn."""
+    metrics = tmp_path / "m$\\foo$.jsonl"  # not valid math either
+    metrics.write_bytes((job / "metrics.jsonl").read_bytes())
+    broken = tmp_path / "out.jsonl"
+    for error, said in (
+        (None, "out.jsonl:1: field 'error' is missing or not an error object"),
+        ({"field": 5, "message": "x"}, "out.jsonl:1: field 'error.field' or '.message' is not"),
+    ):
+        write_jsonl(broken, [{"id": "a", "line": 1, "error": error}])
+        done = report(metrics, broken, "-o", tmp_path / "r.html")
+        assert done.exit_code == 2 and said in done.output, done.output
+    results = [r for r in json_lines(job / "out.jsonl") if "timing" in r]
+    write_jsonl(broken, results)  # the run's 3 error lines are elsewhere (as with --errors)
+    old = {"type": "summary", "batches": 1, "requests_ok": 1}
+    (tmp_path / "old.jsonl").write_text(json.dumps({"type": "batch"}) + "\n" + json.dumps(old))
+    done = report(metrics, broken, tmp_path / "old.jsonl", "-o", tmp_path / "r.html")
+    assert done.exit_code == 0, done.output
+    page = (tmp_path / "r.html").read_text()
+    assert "foo$.jsonl</td><td colspan=3>3 lines failed, not all of them in the files" in page
+    assert "2 lines of batchgen 0.2" in page and "m$\\foo$.jsonl (p50" in page
 
 
 def test_the_report_schemas_read_what_the_job_writes():

@@ -53,7 +53,7 @@ def _bars(ax: Axes, workload: Workload) -> None:
     ax.barh(labels, values, color=colors, height=0.6)
     ax.invert_yaxis()  # first bar on top, as the table prints them
     ax.bar_label(ax.containers[0], fmt="{:,.0f}", padding=2, fontsize=8)
-    ax.set_xlim(0, 1.25 * max(values))
+    ax.set_xlim(0, 1.25 * max(values) or 1.0)
     ax.set_xlabel(workload.unit, fontsize=8)
     ax.tick_params(labelsize=8)
     title = workload.title

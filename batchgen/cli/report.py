@@ -52,5 +52,5 @@ def report(files: tuple[Path, ...], html: Path | None, png_dir: Path | None, ove
         written = write_report(list(files), html, png_dir, overwrite)
     except ReportError as error:
         raise BadFile(str(error)) from None
-    for path, size in written.files:
+    for path, size in written:
         click.echo(f"batchgen report: {path} ({size / 1024:,.0f} KiB)", err=True)

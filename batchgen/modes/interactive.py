@@ -62,9 +62,8 @@ def generate_text(engine: Engine, prompt: str, params: SamplingParams) -> str:
 
 
 class PipeInput:
-    """input() for a stdin that is not a terminal (a pipe, a script): a Ctrl-C that lands
-    just before the read still ends it. input() would block in read() for good then, the
-    signal already handled; here its wakeup byte ends the wait and its handler runs."""
+    """input() for a piped stdin that a Ctrl-C landing just before the read still ends
+    (input() would block on: the signal is handled, read() never interrupted)."""
 
     def __init__(self, fd: int = 0):
         self.fd = fd

@@ -7,6 +7,7 @@ inlines them as SVG, `--png` writes them as images.
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,17 +34,24 @@ class Drawn:
     figure: Figure
 
 
-def report_figures(runs: list[Run]) -> list[Drawn]:
-    """Every figure the runs have data for: time series always, distributions when OUTPUT
+def figure_names(runs: list[Run]) -> list[str]:
+    """The figures the runs have data for: time series always, distributions when OUTPUT
     files were given."""
-    drawn = [
-        Drawn("throughput", "Throughput over the run", throughput_figure(runs)),
-        Drawn("engine", "How full the engine was", engine_figure(runs)),
-    ]
-    if any(run.requests is not None for run in runs):
-        drawn.append(Drawn("latency", "Where each request's time went", latency_figure(runs)))
-        drawn.append(Drawn("tokens", "Tokens per request", tokens_figure(runs)))
-    return drawn
+    names = ["throughput", "engine"]
+    return names + ["latency", "tokens"] if any(r.requests is not None for r in runs) else names
+
+
+def report_figures(runs: list[Run]) -> list[Drawn]:
+    """Every figure of figure_names(runs), drawn."""
+    titles = {
+        "throughput": ("Throughput over the run", throughput_figure),
+        "engine": ("How full the engine was", engine_figure),
+        "latency": ("Where each request's time went", latency_figure),
+        "tokens": ("Tokens per request", tokens_figure),
+    }
+    # File names and worker names are text, not math: a "$" in one must not be parsed.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        return [Drawn(name, titles[name][0], titles[name][1](runs)) for name in figure_names(runs)]
 
 
 def new_figure(rows: int, columns: int = 1, height: float = ROW_IN) -> tuple[Figure, list[Axes]]:
@@ -53,19 +61,37 @@ def new_figure(rows: int, columns: int = 1, height: float = ROW_IN) -> tuple[Fig
     return figure, axes
 
 
+@dataclass(frozen=True)
+class _Traced:
+    """A run's engines on its time axis, where its resumed sessions begin, and its colour."""
+
+    color: tuple[float, float, float]
+    lines: list[Timeline]
+    resumed: list[float]
+
+
+def _traced(runs: list[Run]) -> list[_Traced]:
+    return [
+        _Traced(color, timelines(run), session_offsets(run)[1:])
+        for color, run in zip(itertools.cycle(COLORS), runs)
+    ]
+
+
 def throughput_figure(runs: list[Run]) -> Figure:
     figure, (tokens, requests) = new_figure(2)
-    _over_time(runs, tokens, lambda t: t.tokens_per_s, "generated tokens/s")
-    _over_time(runs, requests, lambda t: t.requests_per_s, "requests finished/s")
+    traced = _traced(runs)
+    _over_time(traced, tokens, lambda t: t.tokens_per_s, "generated tokens/s")
+    _over_time(traced, requests, lambda t: t.requests_per_s, "requests finished/s")
     _legend([tokens])
     return figure
 
 
 def engine_figure(runs: list[Run]) -> Figure:
     figure, (rows, occupancy, waiting) = new_figure(3)
-    _over_time(runs, rows, lambda t: t.mean_rows, "active rows (mean per step)")
-    _over_time(runs, occupancy, lambda t: t.occupancy, "KV cache held (%)")
-    _over_time(runs, waiting, lambda t: t.waiting, "requests waiting to start")
+    traced = _traced(runs)
+    _over_time(traced, rows, lambda t: t.mean_rows, "active rows (mean per step)")
+    _over_time(traced, occupancy, lambda t: t.occupancy, "KV cache held (%)")
+    _over_time(traced, waiting, lambda t: t.waiting, "requests waiting to start")
     _legend([rows])
     return figure
 
@@ -93,19 +119,19 @@ def tokens_figure(runs: list[Run]) -> Figure:
 
 
 def _over_time(
-    runs: list[Run], ax: Axes, value: Callable[[Timeline], np.ndarray], title: str
+    traced: list[_Traced], ax: Axes, value: Callable[[Timeline], np.ndarray], title: str
 ) -> None:
     """Each engine's figure held over each span of its time (a step line)."""
     drawn = False
-    for color, run in zip(COLORS * len(runs), runs, strict=False):
-        for line in timelines(run):
+    for run in traced:
+        for line in run.lines:
             values = value(line)
             if np.isnan(values).all():
                 continue  # a file from before the field
-            ax.stairs(values, line.edges, color=color, label=line.label, linewidth=1.2)
+            ax.stairs(values, line.edges, color=run.color, label=line.label, linewidth=1.2)
             drawn = True
-        for start in session_offsets(run)[1:]:
-            ax.axvline(start, color=color, linestyle=":", linewidth=1)
+        for start in run.resumed:
+            ax.axvline(start, color=run.color, linestyle=":", linewidth=1)
     ax.set_title(title, loc="left", fontsize=10)
     ax.set_xlabel("seconds of engine time")
     ax.set_ylim(bottom=0)
@@ -115,7 +141,7 @@ def _over_time(
 
 def _distribution(runs: list[Run], ax: Axes, name: str, title: str, counts: bool) -> None:
     values = {r.label: r.requests.column(name) for r in runs if r.requests is not None}
-    colors = {run.label: color for run, color in zip(runs, COLORS * len(runs), strict=False)}
+    colors = {run.label: color for run, color in zip(runs, itertools.cycle(COLORS))}
     for histogram in histograms(values, counts):
         ax.stairs(
             histogram.counts,
@@ -144,9 +170,8 @@ def _legend(axes: Sequence[Axes]) -> None:
 
 
 def svg(drawn: Drawn) -> str:
-    """The figure as an SVG element for an HTML page: text kept as text (smaller, and
-    selectable), every id and reference to one prefixed with the figure's name, so that
-    figures on one page never share an id (matplotlib numbers each figure's from 1)."""
+    """The figure as an SVG element for a page: text kept as text (smaller, selectable), ids
+    prefixed with the figure's name (matplotlib numbers every figure's from 1)."""
     buffer = io.StringIO()
     with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "batchgen"}):
         drawn.figure.savefig(buffer, format="svg", metadata={"Date": None})

@@ -139,6 +139,8 @@ def _summary_table(runs: list[Run]) -> str:
         for _, session in columns:
             if session.summary is not None:
                 cells.append(f"<td>{escape(read(session.summary))}</td>")
+            elif label == "status" and session.old_lines:
+                cells.append("<td>written by batchgen 0.2: not drawn</td>")
             elif label == "status":
                 cells.append("<td>no summary line: the run was killed (--resume finishes it)</td>")
             else:
@@ -150,15 +152,13 @@ def _summary_table(runs: list[Run]) -> str:
 def _errors(runs: list[Run]) -> str:
     rows = []
     for run in runs:
-        if run.requests is None:
-            failed = sum(s.summary.requests_failed for s in run.sessions if s.summary)
-            if failed:
-                rows.append(
-                    f"<tr><td>{escape(run.label)}</td><td colspan=3>{failed} failed lines; "
-                    "name OUTPUT (or the --errors file) to see why</td></tr>"
-                )
-            continue
-        counted = run.requests.errors.most_common()
+        failed = sum(s.summary.requests_failed for s in run.sessions if s.summary)
+        counted = run.requests.errors.most_common() if run.requests else []
+        if failed > sum(count for _, count in counted):
+            rows.append(
+                f"<tr><td>{escape(run.label)}</td><td colspan=3>{failed:,} lines failed, not all "
+                "of them in the files given: name OUTPUT or the --errors file to see why</td></tr>"
+            )
         for (field, kind), count in counted[:ERROR_ROWS]:
             example = run.requests.examples[(field, kind)]
             rows.append(
@@ -181,12 +181,12 @@ def _notes(runs: list[Run]) -> str:
     notes = [
         f"Each line holds a window's figure over the window's span of engine time. Past "
         f"{MAX_POINTS:,} windows an engine's consecutive windows are merged into "
-        f"{MAX_POINTS:,} groups (rates: tokens over seconds; per-step figures weighted by "
-        "steps), so totals stay exact. Errors are counted by field and by message with its "
-        "numbers and quoted values set aside.",
+        f"{MAX_POINTS:,} groups of nearly equal size (rates: tokens over seconds; per-step "
+        "figures weighted by steps), so totals stay exact. Errors are counted by field and by "
+        "message with its numbers and quoted values set aside.",
         f"Written by batchgen {escape(__version__)}.",
     ]
     old = sum(s.old_lines for run in runs for s in run.sessions)
     if old:
-        notes.append(f"{old} batch lines of batchgen 0.2 are not drawn.")
+        notes.append(f"{old} lines of batchgen 0.2 (batch and summary lines) are not drawn.")
     return "".join(f'<p class="note">{note}</p>' for note in notes)

@@ -22,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from batchgen.job import records
 
 # The metrics lines the report reads, as job/metrics.py writes them (window_record and
-# RunStats.summary; a test holds the two together). Unknown fields are left alone, so files
-# of later versions still read; fields added since a version default to None where older
-# files lack them.
+# RunStats.summary; a test holds the two together). Strict: a number written as a string is
+# not batchgen's. Unknown fields are left alone, so files of later versions still read;
+# fields added later default where older files lack them.
 
 
 class _Line(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class WindowLine(_Line):
@@ -43,7 +43,7 @@ class WindowLine(_Line):
     generated_tokens: int = Field(ge=0)
     ms: float = Field(ge=0)
     reused_tokens: int = Field(default=0, ge=0)
-    waiting: float | None = Field(default=None, ge=0)  # from batchgen 0.4
+    waiting: float | None = Field(default=None, ge=0)  # older files lack it
     worker: str | None = None  # the Ray actor (host:pid) that ran it
 
 
@@ -122,7 +122,7 @@ class Session:
 
     engines: dict[str, Windows]  # by worker ("" for a local run)
     summary: SummaryLine | None
-    old_lines: int = 0  # batchgen 0.2's "batch" lines, which the report does not draw
+    old_lines: int = 0  # batchgen 0.2's "batch" and summary lines, which are not drawn
 
 
 @dataclass
@@ -158,10 +158,13 @@ USAGE_FIELDS = ("prompt_tokens", "completion_tokens")
 def read_runs(paths: list[Path]) -> list[Run]:
     """Runs from files on the command line: each metrics file, then its OUTPUT files."""
     runs: list[Run] = []
+    named: Counter[str] = Counter()
     for path in paths:
         kind = _kind(path)
         if kind == "metrics":
-            runs.append(Run(str(path), read_metrics(path)))
+            named[str(path)] += 1  # a file named twice is two runs, labelled apart
+            label = str(path) if named[str(path)] == 1 else f"{path} ({named[str(path)]})"
+            runs.append(Run(label, read_metrics(path)))
         elif not runs:
             what = "is empty" if kind == "empty" else "is an OUTPUT file"
             raise ReportError(
@@ -220,6 +223,9 @@ def read_metrics(path: Path) -> list[Session]:
         if kind == "window":
             line = _checked(WindowLine, record, path, number)
             windows.setdefault(line.worker or "", []).append(line)
+        elif kind == "summary" and "batches" in record and "windows" not in record:
+            sessions.append(_session(windows, None, old + 1))  # batchgen 0.2's
+            windows, old = {}, 0
         elif kind == "summary":
             summary = _checked(SummaryLine, record, path, number)
             sessions.append(_session(windows, summary, old))
@@ -236,7 +242,9 @@ def read_metrics(path: Path) -> list[Session]:
     return sessions
 
 
-def _session(windows: dict[str, list[WindowLine]], summary: SummaryLine | None, old: int):
+def _session(
+    windows: dict[str, list[WindowLine]], summary: SummaryLine | None, old: int
+) -> Session:
     return Session({worker: Windows.of(w) for worker, w in windows.items()}, summary, old)
 
 
@@ -256,13 +264,13 @@ def read_output(path: Path, into: Requests) -> None:
     columns = [getattr(into, name).append for name in (*TIMING_FIELDS, *USAGE_FIELDS)]
     for number, raw in _lines(path):
         record = _json(path, number, raw)
-        if records.accounted(record) is None:
+        accounted = records.accounted(record)
+        if accounted is None:
             raise ReportError(f"{path}:{number}: not a batchgen result or error line")
+        if accounted[0] == "line":
+            _count_error(into, *_error(record, path, number))
+            continue
         try:
-            error = records.error_of(record)
-            if error is not None:
-                _count_error(into, *error)
-                continue
             timing, used = records.timing_of(record), records.usage_of(record)
             values = [timing[name] for name in TIMING_FIELDS]
             values += [used[name] for name in USAGE_FIELDS]
@@ -278,6 +286,22 @@ def read_output(path: Path, into: Requests) -> None:
 
 
 _NUMBERS = (int, float)
+
+
+def _error(record: dict[str, Any], path: Path, number: int) -> tuple[str | None, str]:
+    """An error line's (field, message), checked: names what is missing or mistyped."""
+    where = "response.body.error" if "custom_id" in record else "error"
+    try:
+        error = records.error_of(record)
+    except (KeyError, TypeError, AttributeError):
+        error = None
+    if error is None:
+        raise ReportError(f"{path}:{number}: field '{where}' is missing or not an error object")
+    field_name, message = error
+    if not (field_name is None or isinstance(field_name, str)) or not isinstance(message, str):
+        name = "param" if "custom_id" in record else "field"
+        raise ReportError(f"{path}:{number}: field '{where}.{name}' or '.message' is not a string")
+    return field_name, message
 
 
 def _problem(record: dict[str, Any]) -> str:
@@ -301,8 +325,7 @@ _SPECIFICS = re.compile(r"'[^']*'|\"[^\"]*\"|-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 
 
 def _count_error(into: Requests, field_name: str | None, message: str) -> None:
-    """Errors are counted by field and kind of message: the message with its numbers and
-    quoted values blanked, so "prompt (2000 tokens) ..." lines of any length count together."""
-    key = (field_name or "(line)", _SPECIFICS.sub("…", str(message)))
+    """Counted by field and kind: the message with its numbers and quoted values blanked."""
+    key = (field_name or "(line)", _SPECIFICS.sub("…", message))
     into.errors[key] += 1
-    into.examples.setdefault(key, str(message))
+    into.examples.setdefault(key, message)

@@ -2,9 +2,9 @@
 
 Downsampling rule: an engine's windows tile its time (each starts where the one before it
 ended), and a figure gets at most MAX_POINTS spans per engine. Past that, consecutive windows
-are merged into MAX_POINTS groups of ceil(n / MAX_POINTS) windows (the last may be shorter):
-a group's rate is its tokens (requests) over its seconds, and its per-step figures (rows,
-occupancy, waiting) are averaged weighted by steps, so every total drawn stays exact.
+are merged into MAX_POINTS groups of floor or ceil(n / MAX_POINTS) windows: a group's rate is
+its tokens (requests) over its seconds, and its per-step figures (rows, occupancy, waiting)
+are averaged weighted by steps, so every total drawn stays exact.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from batchgen.report.runs import Run, Windows
+from batchgen.report.runs import WINDOW_COLUMNS, Run, Windows
 
 MAX_POINTS = 1000
 HISTOGRAM_BINS = 40
 
-_SUMMED = ("steps", "requests", "prompt_tokens", "generated_tokens", "reused_tokens", "ms")
 _PER_STEP = ("mean_rows", "occupancy", "waiting")
+_SUMMED = tuple(name for name in WINDOW_COLUMNS if name not in _PER_STEP)
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,7 @@ def downsample(windows: Windows, max_points: int = MAX_POINTS) -> Windows:
     n = len(windows)
     if n <= max_points:
         return windows
-    size = math.ceil(n / max_points)
-    starts = np.arange(0, n, size)
+    starts = np.arange(max_points) * n // max_points
     columns = windows.columns
     merged = {name: np.add.reduceat(columns[name], starts) for name in _SUMMED}
     for name in _PER_STEP:
@@ -109,9 +108,8 @@ class Histogram:
 def histograms(
     values: dict[str, np.ndarray], counts: bool = False, bins: int = HISTOGRAM_BINS
 ) -> list[Histogram]:
-    """One histogram per run over shared bins, so runs overlay; runs without values are left
-    out. `bins` equal bins from 0 to the largest value of any run; for `counts` (tokens),
-    bins of a whole number of tokens, as few as cover 0 to the largest in at most `bins`."""
+    """Per run, over bins shared so runs overlay: `bins` equal ones from 0 to the largest
+    value, or for `counts` (tokens) whole tokens wide, at most `bins` of them."""
     present = {label: v for label, v in values.items() if len(v)}
     if not present:
         return []
