@@ -43,15 +43,19 @@ def figure_names(runs: list[Run]) -> list[str]:
 
 def report_figures(runs: list[Run]) -> list[Drawn]:
     """Every figure of figure_names(runs), drawn."""
-    titles = {
+    drawers = {
         "throughput": ("Throughput over the run", throughput_figure),
         "engine": ("How full the engine was", engine_figure),
         "latency": ("Where each request's time went", latency_figure),
         "tokens": ("Tokens per request", tokens_figure),
     }
+    drawn = []
     # File names and worker names are text, not math: a "$" in one must not be parsed.
     with matplotlib.rc_context({"text.parse_math": False}):
-        return [Drawn(name, titles[name][0], titles[name][1](runs)) for name in figure_names(runs)]
+        for name in figure_names(runs):
+            title, draw = drawers[name]
+            drawn.append(Drawn(name, title, draw(runs)))
+    return drawn
 
 
 def new_figure(rows: int, columns: int = 1, height: float = ROW_IN) -> tuple[Figure, list[Axes]]:
