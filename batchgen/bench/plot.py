@@ -57,10 +57,10 @@ def _bars(ax: Axes, workload: Workload) -> None:
     ax.set_xlabel(workload.unit, fontsize=8)
     ax.tick_params(labelsize=8)
     title = workload.title
-    baselines = [bar.value for bar in workload.bars if bar.baseline]
-    ours = [bar.value for bar in workload.bars if not bar.baseline]
-    if baselines and baselines[0] > 0:
-        title += f"\n{workload.bars[0].label}: {ours[0] / baselines[0]:.2f}x the baseline"
+    baseline = next((bar.value for bar in workload.bars if bar.baseline), 0.0)
+    if baseline > 0:
+        first = workload.bars[0]
+        title += f"\n{first.label}: {first.value / baseline:.2f}x the baseline"
     ax.set_title(title, loc="left", fontsize=8)
 
 

@@ -58,9 +58,9 @@ def report_figures(runs: list[Run]) -> list[Drawn]:
     return drawn
 
 
-def new_figure(rows: int, columns: int = 1, height: float = ROW_IN) -> tuple[Figure, list[Axes]]:
+def new_figure(rows: int, columns: int = 1) -> tuple[Figure, list[Axes]]:
     """A figure of rows x columns panels, laid out by matplotlib's constrained layout."""
-    figure = Figure(figsize=(WIDTH_IN, height * rows), layout="constrained")
+    figure = Figure(figsize=(WIDTH_IN, ROW_IN * rows), layout="constrained")
     axes = figure.subplots(rows, columns, squeeze=False).ravel().tolist()
     return figure, axes
 

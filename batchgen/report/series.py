@@ -51,7 +51,7 @@ def downsample(windows: Windows, max_points: int = MAX_POINTS) -> Windows:
     return Windows(merged)
 
 
-def timelines(run: Run, max_points: int = MAX_POINTS) -> list[Timeline]:
+def timelines(run: Run) -> list[Timeline]:
     """Each engine of each session on the run's time axis: a resumed run's sessions follow
     one another; Ray's actors each have their own line, on their own engine time."""
     lines = []
@@ -60,7 +60,7 @@ def timelines(run: Run, max_points: int = MAX_POINTS) -> list[Timeline]:
         for worker, windows in session.engines.items():
             if not len(windows):
                 continue
-            shown = downsample(windows, max_points)
+            shown = downsample(windows)
             c = shown.columns
             seconds = c["ms"] / 1e3
             edges = offset + np.concatenate(([0.0], np.cumsum(seconds)))
